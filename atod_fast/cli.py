@@ -1,0 +1,32 @@
+"""The ``atod-fast`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ._version import __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="atod-fast",
+        description="Train small language models into multi-turn agents with ATOD "
+        "(Annealed Turn-aware On-policy Distillation).",
+    )
+    parser.add_argument("--version", action="version", version=f"atod-fast {__version__}")
+    parser.add_subparsers(dest="command", metavar="COMMAND")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
