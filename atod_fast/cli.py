@@ -15,8 +15,20 @@ def build_parser() -> argparse.ArgumentParser:
         "(Annealed Turn-aware On-policy Distillation).",
     )
     parser.add_argument("--version", action="version", version=f"atod-fast {__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    p = sub.add_parser("envs", help="list the registered environments")
+    p.set_defaults(func=_cmd_envs)
     return parser
+
+
+def _cmd_envs(args) -> int:
+    from .envs import registered
+
+    envs = registered()
+    width = max(map(len, envs))
+    for name, desc in envs.items():
+        print(f"{name:<{width}}  {desc}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

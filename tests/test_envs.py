@@ -1,0 +1,165 @@
+"""Built-in environments: determinism, experts, malformed input, and the textarena adapter."""
+
+import itertools
+import random
+import subprocess
+from collections import deque
+
+import pytest
+
+from atod_fast.envs import ExpertEnv, GuessNumberEnv, HanoiEnv, make, registered
+from atod_fast.envs.hanoi import optimal_move
+
+
+def play_expert(env, seed):
+    env.reset(seed)
+    total, turns = 0.0, 0
+    while True:
+        _, r, done, info = env.step(env.expert_action())
+        total += r
+        turns += 1
+        if done:
+            return info["success"], total, turns
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("guess_number", {}),
+    ("guess_number", dict(low=1, high=100, max_turns=7)),
+    ("hanoi", {}),
+    ("hanoi", dict(n_disks=4)),
+])
+def test_every_builtin_expert_always_succeeds(name, kwargs):
+    env = make(name, **kwargs)
+    assert isinstance(env, ExpertEnv)
+    results = [play_expert(env, seed) for seed in range(200)]
+    assert all(ok for ok, _, _ in results)
+    assert all(total == 1.0 for _, total, _ in results)
+
+
+@pytest.mark.parametrize("name", ["guess_number", "hanoi"])
+def test_erring_expert_leaves_headroom(name):
+    env = make(name, expert_error_rate=0.5, **({"max_turns": 4} if name == "guess_number" else {}))
+    rate = sum(play_expert(env, seed)[0] for seed in range(300)) / 300
+    assert 0.2 < rate < 0.95
+
+
+@pytest.mark.parametrize("name", ["guess_number", "hanoi"])
+def test_deterministic_per_seed(name):
+    a, b = make(name, expert_error_rate=0.3), make(name, expert_error_rate=0.3)
+    for seed in (0, 1, 12345):
+        assert a.reset(seed) == b.reset(seed)
+        trace_a = [a.step(a.expert_action()) for _ in range(2)]
+        trace_b = [b.step(b.expert_action()) for _ in range(2)]
+        assert trace_a == trace_b
+    starts = {make(name).reset(s) + str(play_expert(make(name), s)[2]) for s in range(30)}
+    assert len(starts) > 1, "seeds must change the episode"
+
+
+def test_guess_number_feedback_and_malformed_actions():
+    env = GuessNumberEnv(low=1, high=16, max_turns=4)
+    env.reset(7)
+    secret = env._secret
+    obs, r, done, info = env.step("hmm, no idea")
+    assert not done and r == 0.0 and info["invalid"] and "one number between 1 and 16" in obs
+    obs, r, done, info = env.step("99")
+    assert info["invalid"] and "out of range" in obs
+    low_guess = 1 if secret != 1 else 2
+    obs, _, _, info = env.step(f"My guess is {low_guess}.")
+    assert not info["invalid"] and obs == ("Higher." if low_guess < secret else "Lower.")
+    obs, r, done, info = env.step(str(secret))
+    assert done and r == 1.0 and info["success"]
+    with pytest.raises(RuntimeError):
+        env.step("3")
+
+
+def test_guess_number_turn_limit():
+    env = GuessNumberEnv(low=1, high=16, max_turns=2)
+    env.reset(0)
+    wrong = 1 if env._secret != 1 else 2
+    env.step(str(wrong))
+    obs, r, done, info = env.step(str(wrong))
+    assert done and r == 0.0 and not info["success"] and "Out of guesses" in obs
+
+
+def _bfs_distance_to_goal(n):
+    goal = (2,) * n
+    dist = {goal: 0}
+    q = deque([goal])
+    while q:
+        s = q.popleft()
+        for src, dst in itertools.permutations(range(3), 2):
+            on_src = [d for d in range(n) if s[d] == src]
+            on_dst = [d for d in range(n) if s[d] == dst]
+            if on_src and (not on_dst or min(on_dst) > min(on_src)):
+                t = list(s)
+                t[min(on_src)] = dst
+                t = tuple(t)
+                if t not in dist:
+                    dist[t] = dist[s] + 1
+                    q.append(t)
+    return dist
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_hanoi_expert_is_optimal_from_every_position(n):
+    dist = _bfs_distance_to_goal(n)
+    assert len(dist) == 3**n
+    for state, d in dist.items():
+        pos = [0, *state]
+        moves = 0
+        while any(p != 2 for p in pos[1:]):
+            src, dst = optimal_move(pos, n, 2)
+            top = min(k for k in range(1, n + 1) if pos[k] == src)
+            assert all(pos[k] != dst for k in range(1, top)), "illegal expert move"
+            pos[top] = dst
+            moves += 1
+        assert moves == d
+
+
+def test_hanoi_malformed_and_illegal_moves():
+    env = HanoiEnv(n_disks=3)
+    env.reset(3)
+    env._pos = [0, 0, 0, 0]  # all disks on A
+    obs, _, done, info = env.step("go left")
+    assert info["invalid"] and "expected two pegs" in obs and not done
+    obs, _, _, info = env.step("B C")
+    assert info["invalid"] and "peg B is empty" in obs
+    env.step("A C")
+    obs, _, _, info = env.step("A C")
+    assert info["invalid"] and "cannot go on smaller disk 1" in obs
+    obs, _, _, info = env.step("move a to b")
+    assert not info["invalid"] and obs == "A:3 B:2 C:1"
+
+
+def test_registry():
+    assert {"guess_number", "hanoi", "textarena"} <= set(registered())
+    with pytest.raises(ValueError, match=r"unknown environment 'nope'.*guess_number"):
+        make("nope")
+    with pytest.raises(ValueError, match="max_turns"):
+        make("guess_number", max_turns=0)
+    out = subprocess.run(["atod-fast", "envs"], capture_output=True, text=True, check=True).stdout
+    assert "guess_number" in out and "hanoi" in out
+
+
+def test_textarena_guess_the_number_adapter():
+    pytest.importorskip("textarena")
+    env = make("textarena", env_id="GuessTheNumber-v0")
+    state = random.getstate()
+    obs = env.reset(seed=3)
+    assert random.getstate() == state, "the adapter must not disturb the global random state"
+    assert "Guess The Number" in obs and "[5]" in obs
+    lo, hi = 1, 20
+    for _ in range(10):
+        guess = (lo + hi) // 2
+        obs, reward, done, info = env.step(f"[{guess}]")
+        if done:
+            break
+        assert "[Player]" not in obs and ("higher" in obs or "lower" in obs)
+        lo, hi = (guess + 1, hi) if "higher" in obs else (lo, guess - 1)
+    assert done and info["success"] and reward == 1.0
+
+    env.reset(seed=4)
+    obs, reward, done, info = env.step("no brackets here")
+    while not done:
+        obs, reward, done, info = env.step("still nothing")
+    assert not info["success"] and info["invalid"]
