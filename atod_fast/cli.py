@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from ._version import __version__
+from .commands import add_train_commands
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("envs", help="list the registered environments")
     p.set_defaults(func=_cmd_envs)
+    add_train_commands(sub)
     return parser
 
 

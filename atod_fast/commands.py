@@ -1,0 +1,168 @@
+"""Subcommands ``train``, ``eval``, ``sft`` and ``plot`` of the ``atod-fast`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def add_train_commands(sub) -> None:
+    p = sub.add_parser("train", help="train a student with ATOD (no arguments: the built-in default, CPU-sized)",
+                       description="Train a student with ATOD. Without arguments: a tiny agent on guess_number, "
+                       "with a built-in teacher made (and cached) by `atod-fast sft`; minutes on a laptop CPU.")
+    p.add_argument("--config", metavar="FILE.yaml", help="YAML config (see --print-config for every key)")
+    p.add_argument("--output-dir", help="run directory (config.output_dir)")
+    p.add_argument("--max-steps", type=int, help="training steps (config.max_steps)")
+    p.add_argument("--seed", type=int, help="seed (config.seed)")
+    p.add_argument("--resume", metavar="auto|PATH", help="continue from the newest checkpoint of the output dir "
+                   "(auto; a fresh run when there is none) or from a checkpoint directory")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. ppo.epochs=4")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="held-out success of a trained student (with teacher and initial student)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory, or a run directory (its newest)")
+    p.add_argument("--episodes", type=int, help="held-out episodes (default: the run's eval.episodes)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--no-compare", action="store_true", help="evaluate only the checkpoint's student")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the run's)")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("sft", help="supervised warm-up on an environment's scripted expert",
+                       description="Train a model on demonstrations of an environment's scripted expert (this is "
+                       "how the built-in teacher is made). Without init: a tiny model with a built-in tokenizer.")
+    p.add_argument("--config", metavar="FILE.yaml")
+    p.add_argument("--output-dir", help="where the model is saved (config.output_dir)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--print-config", action="store_true")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="e.g. sft.steps=200 env.name=hanoi")
+    p.set_defaults(func=_cmd_sft)
+
+    p = sub.add_parser("plot", help="write PNG curves of a run (success, reward, λ by turn, loss terms)")
+    p.add_argument("run_dir", help="run directory holding metrics.jsonl")
+    p.add_argument("--out", help="output directory (default: RUN_DIR/plots)")
+    p.set_defaults(func=_cmd_plot)
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("transformers", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def _overrides(args, flags: dict[str, str]) -> list[str]:
+    out = list(args.overrides)
+    for attr, key in flags.items():
+        v = getattr(args, attr, None)
+        if v is not None:
+            out.append(f"{key}={v}")
+    return out
+
+
+def _fail(e: Exception) -> int:
+    print(f"atod-fast: error: {e}", file=sys.stderr)
+    return 2
+
+
+def _cmd_train(args) -> int:
+    from .config import ConfigError, load_train_config, to_yaml
+
+    try:
+        cfg = load_train_config(args.config, _overrides(args, {"output_dir": "output_dir", "max_steps": "max_steps",
+                                                               "seed": "seed"}))
+    except ConfigError as e:
+        return _fail(e)
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    _setup_logging()
+    from .trainer import NonFiniteLossError, Trainer
+
+    try:
+        Trainer(cfg, resume=args.resume).train()
+    except ConfigError as e:
+        return _fail(e)
+    except NonFiniteLossError as e:
+        print(f"atod-fast: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from .checkpoint import resolve_checkpoint
+    from .config import ConfigError, load_train_config
+
+    try:
+        ckpt = resolve_checkpoint(args.checkpoint)
+        overrides = [f"device={args.device}"] if args.device else []
+        cfg = load_train_config(str(ckpt / "config.yaml"), overrides)
+        if args.episodes is not None and args.episodes < 1:
+            raise ConfigError(f"--episodes: expected an integer >= 1, got {args.episodes}")
+    except (ConfigError, ValueError) as e:
+        return _fail(e)
+    _setup_logging()
+    from .checkpoint import read_meta
+    from .evaluation import evaluate_model, format_table
+    from .models import check_same_tokenizer, load_causal_lm
+    from .trainer import compare, eval_kwargs, resolve_device, teacher_location
+
+    device = resolve_device(cfg.device)
+    episodes = args.episodes or cfg.eval.episodes
+    lm, tok = load_causal_lm(str(ckpt / "student"), dtype=cfg.model.dtype,
+                             trust_remote_code=cfg.model.trust_remote_code)
+    lm.to(device)
+    name = f"checkpoint (step {read_meta(ckpt)['step']})"
+    if args.no_compare:
+        rows = {name: evaluate_model(lm, tok, **eval_kwargs(cfg, device, episodes))}
+    else:
+        teacher_path = teacher_location(cfg, progress=not args.json)
+        teacher = None
+        if teacher_path is not None:
+            teacher, t_tok = load_causal_lm(teacher_path, dtype=cfg.model.dtype,
+                                            trust_remote_code=cfg.model.trust_remote_code)
+            check_same_tokenizer(tok, t_tok, str(ckpt), teacher_path, "teacher")
+            teacher.to(device).eval()
+        rows = compare(cfg, lm, tok, teacher, teacher_path, device, episodes=episodes, student_name=name)
+    mine = rows[name]
+    if args.json:
+        print(json.dumps({**mine, "checkpoint": str(ckpt), "step": read_meta(ckpt)["step"], "env": cfg.env.name,
+                          "compare": {k: v for k, v in rows.items() if k != name}}))
+    else:
+        print(f"Held-out evaluation ({episodes} episodes of {cfg.env.name}, temperature {cfg.eval.temperature}):\n")
+        print(format_table(rows))
+    return 0
+
+
+def _cmd_sft(args) -> int:
+    from .config import ConfigError, load_sft_config, to_yaml
+
+    try:
+        cfg = load_sft_config(args.config, _overrides(args, {"output_dir": "output_dir", "seed": "seed"}))
+    except ConfigError as e:
+        return _fail(e)
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    _setup_logging()
+    from .sft import run_sft
+
+    try:
+        out = run_sft(cfg)
+    except ValueError as e:
+        return _fail(e)
+    print(f"saved to {out}")
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from .plot import plot_run
+
+    try:
+        paths = plot_run(args.run_dir, args.out)
+    except (ValueError, ImportError) as e:
+        return _fail(e)
+    for p in paths:
+        print(p)
+    return 0

@@ -1,0 +1,471 @@
+"""Typed configuration of ``atod-fast train`` and ``atod-fast sft``.
+
+Every section is a keyword-only dataclass with a docstring per field. Files and command-line
+overrides are parsed by omegaconf (``load_train_config``): a YAML file, then ``key.sub=value``
+overrides, checked against the dataclasses. Any mistake is reported as one line naming the key
+and what was expected (:class:`ConfigError`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .schedule import DECAYS
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is one line naming the key."""
+
+
+def _need(ok: bool, key: str, expected: str, got: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: expected {expected}, got {got!r}")
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+@dataclass(kw_only=True)
+class TinyArch:
+    """Shape of a small random-init Llama built in-process (no download)."""
+
+    hidden_size: int = 64
+    """Width of the residual stream."""
+    num_layers: int = 2
+    """Number of transformer blocks."""
+    num_heads: int = 4
+    """Attention heads (hidden_size must be divisible by it)."""
+    intermediate_size: int = 128
+    """Width of the MLP."""
+    max_positions: int = 1024
+    """Longest sequence the rotary embedding is configured for."""
+
+    def check(self, key: str) -> None:
+        for f in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_positions"):
+            v = getattr(self, f)
+            _need(_int(v) and v >= 1, f"{key}.{f}", "an integer >= 1", v)
+        _need(self.hidden_size % self.num_heads == 0, f"{key}.num_heads",
+              f"a divisor of hidden_size={self.hidden_size}", self.num_heads)
+
+
+BUILTIN = "builtin"
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Which models play student, teacher and reference."""
+
+    student: str = BUILTIN
+    """Student causal LM: "builtin" (tiny random-init Llama over the built-in tokenizer), a hub name or a local path."""
+    teacher: str | None = BUILTIN
+    """Frozen teacher: "builtin" (SFT on the environment's scripted expert, cached), a hub name, a path, or null."""
+    reference: str | None = None
+    """KL reference when loss.kl_coef > 0: null means a frozen copy of the initial student."""
+    student_arch: TinyArch = field(default_factory=TinyArch)
+    """Shape of the built-in student."""
+    chat_template: str | None = None
+    """Jinja chat template to use instead of the tokenizer's own (needed for models without one)."""
+    dtype: str = "float32"
+    """Weight dtype of the loaded models: float32 or bfloat16 (bf16 autocast on CUDA is separate)."""
+    trust_remote_code: bool = False
+    """Passed to transformers' from_pretrained."""
+
+    def __post_init__(self):
+        _need(isinstance(self.student, str) and self.student != "", "model.student", "a model name or path",
+              self.student)
+        _need(self.dtype in ("float32", "bfloat16"), "model.dtype", "float32 or bfloat16", self.dtype)
+        self.student_arch.check("model.student_arch")
+
+
+@dataclass(kw_only=True)
+class EnvConfig:
+    """The environment, built with ``atod_fast.envs.make(name, **kwargs)``."""
+
+    name: str = "guess_number"
+    """Registered environment name (``atod-fast envs`` lists them)."""
+    kwargs: dict[str, Any] = field(default_factory=lambda: {"low": 1, "high": 16, "max_turns": 5})
+    """Keyword arguments of the environment's constructor."""
+
+    def __post_init__(self):
+        from .envs import registered
+
+        _need(self.name in registered(), "env.name", f"one of {sorted(registered())}", self.name)
+
+
+@dataclass(kw_only=True)
+class RolloutConfig:
+    """How episodes are played by the student."""
+
+    episodes_per_step: int = 32
+    """Episodes played (in one batch) per training step."""
+    max_new_tokens: int = 8
+    """Token limit of one agent turn; a turn that reaches it is sent to the environment as is."""
+    max_turns: int | None = None
+    """Agent turns per episode before truncation (bootstrapped); null: the environment's max_turns."""
+    max_episode_tokens: int = 1024
+    """Token budget of one episode (prompt, observations and actions); reaching it truncates (bootstrapped)."""
+    temperature: float = 1.0
+    """Sampling temperature of the student during training rollouts."""
+
+    def __post_init__(self):
+        for f in ("episodes_per_step", "max_new_tokens", "max_episode_tokens"):
+            _need(_int(getattr(self, f)) and getattr(self, f) >= 1, f"rollout.{f}", "an integer >= 1",
+                  getattr(self, f))
+        _need(self.max_turns is None or (_int(self.max_turns) and self.max_turns >= 1), "rollout.max_turns",
+              "null or an integer >= 1", self.max_turns)
+        _need(_num(self.temperature) and self.temperature > 0, "rollout.temperature", "a number > 0",
+              self.temperature)
+
+
+@dataclass(kw_only=True)
+class ScheduleConfig:
+    """λ(t, τ): the weight of distillation against PPO per token (see ``AnnealSchedule``)."""
+
+    mode: str = "atod"
+    """atod (annealed in step and turn), opd (λ ≡ 1, distillation only) or rl (λ ≡ 0, PPO only)."""
+    total_steps: int | None = None
+    """Steps over which λ anneals in time; null: max_steps."""
+    turn_horizon: int | None = None
+    """Turns over which λ anneals in the turn index; null: the rollout's turn limit."""
+    lambda_max: float = 0.9
+    """λ of the first turn at step 0."""
+    lambda_min: float = 0.1
+    """Floor of λ."""
+    time_decay: str = "cosine"
+    """Decay over steps: cosine, linear, exponential or constant."""
+    turn_decay: str = "cosine"
+    """Decay over turns: cosine, linear, exponential or constant."""
+
+    def __post_init__(self):
+        _need(self.mode in ("atod", "opd", "rl"), "schedule.mode", "one of atod, opd, rl", self.mode)
+        for f in ("total_steps", "turn_horizon"):
+            v = getattr(self, f)
+            _need(v is None or (_int(v) and v >= 1), f"schedule.{f}", "null or an integer >= 1", v)
+        for f in ("lambda_max", "lambda_min"):
+            v = getattr(self, f)
+            _need(_num(v) and 0 <= v <= 1, f"schedule.{f}", "a number in [0, 1]", v)
+        _need(self.lambda_min <= self.lambda_max, "schedule.lambda_min", f"<= lambda_max={self.lambda_max}",
+              self.lambda_min)
+        for f in ("time_decay", "turn_decay"):
+            _need(getattr(self, f) in DECAYS, f"schedule.{f}", f"one of {sorted(DECAYS)}", getattr(self, f))
+
+
+@dataclass(kw_only=True)
+class LossConfig:
+    """Hyperparameters of ``atod_loss``."""
+
+    divergence: str = "reverse_kl"
+    """Distillation divergence: reverse_kl, forward_kl or jsd."""
+    jsd_beta: float = 0.5
+    """β of the generalized JSD."""
+    temperature: float = 1.0
+    """Logit temperature of student and teacher inside the loss."""
+    clip_eps_low: float = 0.2
+    """Lower PPO ratio clip."""
+    clip_eps_high: float = 0.2
+    """Upper PPO ratio clip."""
+    dual_clip: float | None = None
+    """Dual-clip constant c > 1 for negative advantages, or null."""
+    kl_coef: float = 0.0
+    """Weight of the k3 KL to the reference (0: no reference model is loaded)."""
+    entropy_coef: float = 0.0
+    """Weight of the entropy bonus."""
+    backend: str = "auto"
+    """atod_loss backend; auto picks the fastest available."""
+
+    def __post_init__(self):
+        _need(self.divergence in ("reverse_kl", "forward_kl", "jsd"), "loss.divergence",
+              "one of reverse_kl, forward_kl, jsd", self.divergence)
+        _need(_num(self.jsd_beta) and 0 < self.jsd_beta < 1, "loss.jsd_beta", "a number in (0, 1)", self.jsd_beta)
+        _need(_num(self.temperature) and self.temperature > 0, "loss.temperature", "a number > 0", self.temperature)
+        for f in ("clip_eps_low", "clip_eps_high", "kl_coef", "entropy_coef"):
+            _need(_num(getattr(self, f)) and getattr(self, f) >= 0, f"loss.{f}", "a number >= 0", getattr(self, f))
+        _need(self.dual_clip is None or (_num(self.dual_clip) and self.dual_clip > 1), "loss.dual_clip",
+              "null or a number > 1", self.dual_clip)
+
+
+@dataclass(kw_only=True)
+class PPOConfig:
+    """PPO update: epochs over the step's episodes, GAE and the value head."""
+
+    epochs: int = 2
+    """Passes over the step's episodes."""
+    minibatches: int = 2
+    """Minibatches per epoch (episodes are split between them); one optimizer step each."""
+    gamma: float = 1.0
+    """Discount per agent token (observation tokens are skipped)."""
+    gae_lambda: float = 0.95
+    """GAE λ (not the ATOD λ)."""
+    value_loss_coef: float = 0.5
+    """Weight of the value loss in the total loss."""
+    value_clip: float | None = 0.2
+    """Clip range of the value update around the rollout values (null: unclipped)."""
+    whiten_advantages: bool = True
+    """Normalize advantages to zero mean and unit variance over the step's agent tokens."""
+
+    def __post_init__(self):
+        for f in ("epochs", "minibatches"):
+            _need(_int(getattr(self, f)) and getattr(self, f) >= 1, f"ppo.{f}", "an integer >= 1", getattr(self, f))
+        for f in ("gamma", "gae_lambda"):
+            _need(_num(getattr(self, f)) and 0 <= getattr(self, f) <= 1, f"ppo.{f}", "a number in [0, 1]",
+                  getattr(self, f))
+        _need(_num(self.value_loss_coef) and self.value_loss_coef >= 0, "ppo.value_loss_coef", "a number >= 0",
+              self.value_loss_coef)
+        _need(self.value_clip is None or (_num(self.value_clip) and self.value_clip > 0), "ppo.value_clip",
+              "null or a number > 0", self.value_clip)
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """AdamW and its learning-rate schedule (stepped once per training step)."""
+
+    lr: float = 2e-3
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    beta1: float = 0.9
+    """AdamW β1."""
+    beta2: float = 0.99
+    """AdamW β2."""
+    eps: float = 1e-8
+    """AdamW ε."""
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm to this (null: no clipping)."""
+    warmup_steps: int = 0
+    """Linear warm-up steps."""
+    lr_schedule: str = "constant"
+    """After warm-up: constant, linear or cosine (to lr·min_lr_ratio at max_steps)."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of lr for the linear and cosine schedules."""
+    max_nonfinite_steps: int = 3
+    """Stop the run after this many consecutive steps with a non-finite loss."""
+
+    def __post_init__(self):
+        _need(_num(self.lr) and self.lr > 0, "optim.lr", "a number > 0", self.lr)
+        _need(_num(self.weight_decay) and self.weight_decay >= 0, "optim.weight_decay", "a number >= 0",
+              self.weight_decay)
+        for f in ("beta1", "beta2"):
+            _need(_num(getattr(self, f)) and 0 <= getattr(self, f) < 1, f"optim.{f}", "a number in [0, 1)",
+                  getattr(self, f))
+        _need(_num(self.eps) and self.eps > 0, "optim.eps", "a number > 0", self.eps)
+        _need(self.max_grad_norm is None or (_num(self.max_grad_norm) and self.max_grad_norm > 0),
+              "optim.max_grad_norm", "null or a number > 0", self.max_grad_norm)
+        _need(_int(self.warmup_steps) and self.warmup_steps >= 0, "optim.warmup_steps", "an integer >= 0",
+              self.warmup_steps)
+        _need(self.lr_schedule in ("constant", "linear", "cosine"), "optim.lr_schedule",
+              "one of constant, linear, cosine", self.lr_schedule)
+        _need(_num(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", "a number in [0, 1]",
+              self.min_lr_ratio)
+        _need(_int(self.max_nonfinite_steps) and self.max_nonfinite_steps >= 1, "optim.max_nonfinite_steps",
+              "an integer >= 1", self.max_nonfinite_steps)
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    """When checkpoints are written (always also at the end) and how many are kept."""
+
+    every: int = 50
+    """Write a checkpoint every this many steps."""
+    keep_last: int = 2
+    """Number of most recent checkpoints kept."""
+
+    def __post_init__(self):
+        _need(_int(self.every) and self.every >= 1, "checkpoint.every", "an integer >= 1", self.every)
+        _need(_int(self.keep_last) and self.keep_last >= 1, "checkpoint.keep_last", "an integer >= 1",
+              self.keep_last)
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    """Progress display and metric files."""
+
+    progress: bool = True
+    """Show a progress bar (step, tokens/s, reward, success, mean λ)."""
+    tensorboard: bool = True
+    """Also write TensorBoard events (needs the tensorboard package: pip install 'atod-fast[viz]')."""
+    log_every: int = 10
+    """Print a metrics line every this many steps when the progress bar is off."""
+
+    def __post_init__(self):
+        _need(_int(self.log_every) and self.log_every >= 1, "logging.log_every", "an integer >= 1", self.log_every)
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    """Held-out evaluation (seeds disjoint from every training seed)."""
+
+    episodes: int = 256
+    """Held-out episodes per evaluated model."""
+    temperature: float = 1.0
+    """Sampling temperature; 0 means greedy decoding."""
+    at_end: bool = True
+    """At the end of train, print teacher vs student-before vs student-after success."""
+
+    def __post_init__(self):
+        _need(_int(self.episodes) and self.episodes >= 1, "eval.episodes", "an integer >= 1", self.episodes)
+        _need(_num(self.temperature) and self.temperature >= 0, "eval.temperature", "a number >= 0",
+              self.temperature)
+
+
+@dataclass(kw_only=True)
+class SftConfig:
+    """Supervised training on the environment's scripted expert (how the built-in teacher is made)."""
+
+    arch: TinyArch = field(default_factory=lambda: TinyArch(hidden_size=128, num_layers=2, num_heads=4,
+                                                            intermediate_size=256))
+    """Shape of the model trained from scratch (when no init model is given)."""
+    expert_error_rate: float = 0.25
+    """Rate of the expert's mistakes in the demonstrations: leaves the teacher room to be beaten."""
+    episodes: int = 4000
+    """Expert demonstrations generated."""
+    steps: int = 600
+    """Optimizer steps."""
+    batch_size: int = 32
+    """Episodes per optimizer step."""
+    lr: float = 3e-3
+    """Peak learning rate (linear warm-up, cosine decay)."""
+    vocab_size: int = 320
+    """Size of the built-in byte-level BPE tokenizer trained on the demonstrations."""
+
+    def __post_init__(self):
+        self.arch.check("sft.arch")
+        _need(_num(self.expert_error_rate) and 0 <= self.expert_error_rate <= 1, "sft.expert_error_rate",
+              "a number in [0, 1]", self.expert_error_rate)
+        for f in ("episodes", "steps", "batch_size"):
+            _need(_int(getattr(self, f)) and getattr(self, f) >= 1, f"sft.{f}", "an integer >= 1", getattr(self, f))
+        _need(_num(self.lr) and self.lr > 0, "sft.lr", "a number > 0", self.lr)
+        _need(_int(self.vocab_size) and self.vocab_size >= 300, "sft.vocab_size", "an integer >= 300",
+              self.vocab_size)
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """``atod-fast train``."""
+
+    output_dir: str = "runs/default"
+    """Run directory: resolved config, metrics.jsonl, TensorBoard events, checkpoints."""
+    seed: int = 0
+    """Seed of model init, environment seeds, sampling and minibatch order."""
+    max_steps: int = 120
+    """Training steps (one rollout batch and one PPO update each)."""
+    device: str = "auto"
+    """auto (CUDA when available), cpu, cuda or cuda:N."""
+    cpu_threads: int | None = None
+    """torch threads on CPU; null: 1 when every model is a tiny built-in one (too small to gain from threads,
+    and threads waiting on each other cost more than they give), else torch's default."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    sft: SftConfig = field(default_factory=SftConfig)
+    """How the built-in teacher is made (used when model.teacher is "builtin")."""
+
+    def __post_init__(self):
+        _need(_int(self.seed) and self.seed >= 0, "seed", "an integer >= 0", self.seed)
+        _need(_int(self.max_steps) and self.max_steps >= 1, "max_steps", "an integer >= 1", self.max_steps)
+        _need(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",
+              "auto, cpu, cuda or cuda:N", self.device)
+        _need(self.cpu_threads is None or (_int(self.cpu_threads) and self.cpu_threads >= 1), "cpu_threads",
+              "null or an integer >= 1", self.cpu_threads)
+        if self.schedule.mode != "rl":
+            _need(self.model.teacher is not None, "model.teacher",
+                  f"a teacher for schedule.mode={self.schedule.mode} (null only with mode rl)", None)
+
+
+@dataclass(kw_only=True)
+class SftRunConfig:
+    """``atod-fast sft``."""
+
+    output_dir: str = "runs/sft"
+    """Where the trained model and tokenizer are saved (transformers format)."""
+    seed: int = 0
+    """Seed of the demonstrations, model init and batch order."""
+    init: str | None = None
+    """Model to fine-tune (hub name or path); null: a tiny random-init model of sft.arch with a built-in tokenizer."""
+    device: str = "auto"
+    """auto, cpu, cuda or cuda:N."""
+    env: EnvConfig = field(default_factory=EnvConfig)
+    sft: SftConfig = field(default_factory=SftConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Only chat_template, dtype and trust_remote_code are used."""
+
+
+def _load(schema: type, path: str | None, overrides: list[str]):
+    try:
+        cfg = OmegaConf.structured(schema)
+        if path is not None:
+            p = Path(path)
+            if not p.is_file():
+                raise ConfigError(f"--config: file not found: {path}")
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(p))
+        for o in overrides:
+            if "=" not in o:
+                raise ConfigError(f"override {o!r}: expected key.sub=value")
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        msg = str(e).splitlines()[0]
+        if "not in" in msg:
+            msg = f"unknown key; {msg}"
+        raise ConfigError(f"{key}: {msg}" if key else msg) from None
+
+
+def load_train_config(path: str | None = None, overrides: list[str] = ()) -> TrainConfig:
+    """Defaults < YAML file < ``key.sub=value`` overrides, validated."""
+    return _load(TrainConfig, path, list(overrides))
+
+
+def load_sft_config(path: str | None = None, overrides: list[str] = ()) -> SftRunConfig:
+    return _load(SftRunConfig, path, list(overrides))
+
+
+def to_yaml(cfg) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg) -> dict[str, Any]:
+    return asdict(cfg)
+
+
+def config_hash(obj: Any) -> str:
+    """Stable short hash of a config (dataclass or plain data)."""
+    if hasattr(obj, "__dataclass_fields__"):
+        obj = asdict(obj)
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# Keys that may change when resuming a run (everything else must match the checkpoint's config).
+RESUMABLE_KEYS = ("output_dir", "max_steps", "device", "checkpoint", "logging", "eval")
+
+
+def incompatible_keys(saved: TrainConfig, new: TrainConfig) -> list[str]:
+    """Top-level fields whose values differ in ways that make resuming meaningless."""
+    out = []
+    for f in fields(TrainConfig):
+        if f.name in RESUMABLE_KEYS:
+            continue
+        a, b = getattr(saved, f.name), getattr(new, f.name)
+        if hasattr(a, "__dataclass_fields__"):
+            out += [f"{f.name}.{g.name}" for g in fields(a) if getattr(a, g.name) != getattr(b, g.name)]
+        elif a != b:
+            out.append(f.name)
+    return out

@@ -1,0 +1,215 @@
+"""Batched multi-turn rollouts: the student plays a batch of episodes against its environments.
+
+One token sequence per episode: the chat-formatted first observation, then for each turn
+the agent's tokens exactly as sampled (never re-tokenized) followed by the chat-formatted
+next observation. Each turn is one batched ``generate`` call (KV cache within the turn) over
+the episodes still running. Per episode we record the tokens, which ones the agent produced
+(``action_mask``), the turn index of every token, the behaviour log-probs, the reward of
+every turn and how the episode ended:
+
+- ``done``: the environment ended it (terminal, no bootstrap);
+- ``turn_limit`` / ``token_budget``: truncated by the rollout limits (GAE bootstraps);
+- ``error``: the environment raised; the episode counts as failed and its traceback is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+log = logging.getLogger("atod_fast")
+
+_PLACEHOLDER = "\u2063ATOD-ACTION\u2063"
+
+
+class ChatFormat:
+    """Token ids of the chat template around observations, computed per turn.
+
+    The text after the agent's turn is found by rendering a conversation whose assistant
+    message is a placeholder: whatever the template writes after it (end-of-turn marker, the
+    next user message, the generation prompt) is the observation's token span. When the agent
+    itself ended its turn with the template's end-of-turn token, that token is not repeated.
+    """
+
+    def __init__(self, tokenizer, stop_ids: Sequence[int], chat_template: str | None = None):
+        self.tok = tokenizer
+        self.template = chat_template or tokenizer.chat_template
+        if not self.template:
+            raise ValueError("the tokenizer has no chat template; set model.chat_template")
+        self.stop_ids = set(stop_ids)
+
+    def _render(self, messages, gen: bool) -> str:
+        return self.tok.apply_chat_template(messages, chat_template=self.template, tokenize=False,
+                                            add_generation_prompt=gen)
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def first(self, observation: str) -> list[int]:
+        return self._encode(self._render([{"role": "user", "content": observation}], True))
+
+    def after_action(self, observation: str, ended_with: int | None) -> list[int]:
+        """Tokens between the agent's last token and its next turn."""
+        text = self._render([{"role": "user", "content": "x"}, {"role": "assistant", "content": _PLACEHOLDER},
+                             {"role": "user", "content": observation}], True)
+        if text.count(_PLACEHOLDER) != 1:
+            raise ValueError("the chat template does not render an assistant message verbatim")
+        suffix = text.split(_PLACEHOLDER, 1)[1]
+        if ended_with is not None:
+            stop_text = self.tok.decode([ended_with])
+            if stop_text and suffix.startswith(stop_text):
+                suffix = suffix[len(stop_text):]
+        return self._encode(suffix)
+
+
+@dataclass
+class Trajectory:
+    """One episode as a single token sequence."""
+
+    seed: int
+    tokens: list[int] = field(default_factory=list)
+    action_mask: list[bool] = field(default_factory=list)
+    turn_idx: list[int] = field(default_factory=list)
+    """Turn of every token; observation tokens carry the index of the turn they lead into."""
+    behaviour_logprobs: list[float] = field(default_factory=list)
+    """log π(token) under the sampling distribution on agent tokens, 0 elsewhere."""
+    turn_rewards: list[float] = field(default_factory=list)
+    turn_last_token: list[int] = field(default_factory=list)
+    """Index in ``tokens`` of the last agent token of every turn (where its reward is placed)."""
+    actions: list[str] = field(default_factory=list)
+    end_reason: str = ""
+    success: bool = False
+    invalid_actions: int = 0
+    error: str | None = None
+
+    @property
+    def reward(self) -> float:
+        return float(sum(self.turn_rewards))
+
+    @property
+    def truncated(self) -> bool:
+        return self.end_reason in ("turn_limit", "token_budget")
+
+    @property
+    def num_turns(self) -> int:
+        return len(self.turn_rewards)
+
+    def _append(self, ids: Sequence[int], *, action: bool, turn: int, logprobs: Sequence[float] | None = None):
+        self.tokens += list(ids)
+        self.action_mask += [action] * len(ids)
+        self.turn_idx += [turn] * len(ids)
+        self.behaviour_logprobs += list(logprobs) if logprobs is not None else [0.0] * len(ids)
+
+
+def stop_token_ids(lm, tokenizer) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    gen_eos = getattr(getattr(lm, "generation_config", None), "eos_token_id", None)
+    if isinstance(gen_eos, int):
+        ids.add(gen_eos)
+    elif gen_eos is not None:
+        ids.update(gen_eos)
+    return sorted(i for i in ids if i is not None)
+
+
+@torch.no_grad()
+def play(lm, tokenizer, fmt: ChatFormat, envs: Sequence, seeds: Sequence[int], *, max_turns: int,
+         max_new_tokens: int, max_episode_tokens: int, temperature: float, device: torch.device,
+         on_error=None) -> list[Trajectory]:
+    """Play one episode per environment, batched over the episodes still running.
+
+    ``temperature == 0`` decodes greedily. Sampling draws from torch's global generator:
+    seed it before calling for reproducible rollouts.
+    """
+    from transformers import GenerationConfig
+
+    stop = stop_token_ids(lm, tokenizer)
+    pad = tokenizer.pad_token_id
+    gen_cfg = GenerationConfig(
+        do_sample=temperature > 0, temperature=temperature if temperature > 0 else None, top_k=None, top_p=None,
+        max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=pad,
+    )
+    trajs = [Trajectory(seed=s) for s in seeds]
+    for env, t, s in zip(envs, trajs, seeds, strict=True):
+        t._append(fmt.first(env.reset(s)), action=False, turn=0)
+    active = list(range(len(envs)))
+    turn = 0
+    was_training = lm.training
+    lm.eval()
+    while active:
+        for i in list(active):
+            if len(trajs[i].tokens) + max_new_tokens > max_episode_tokens:
+                trajs[i].end_reason = "token_budget"
+                active.remove(i)
+        if not active:
+            break
+        lengths = [len(trajs[i].tokens) for i in active]
+        width = max(lengths)
+        ids = torch.full((len(active), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(active), width), dtype=torch.long)
+        for row, i in enumerate(active):  # left padding: every row's next token is at the same column
+            ids[row, width - lengths[row]:] = torch.tensor(trajs[i].tokens)
+            mask[row, width - lengths[row]:] = 1
+        out = lm.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg,
+                          return_dict_in_generate=True, output_logits=True)
+        new = out.sequences[:, width:].cpu()
+        logits = torch.stack(out.logits, dim=1).float().cpu()  # [b, n_new, V]
+        if temperature > 0:
+            logits = logits / temperature
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
+        still = []
+        for row, i in enumerate(active):
+            t = trajs[i]
+            seq = new[row].tolist()
+            n = len(seq)
+            ended_with = None
+            for k, tok in enumerate(seq):
+                if tok in stop:
+                    n, ended_with = k + 1, tok
+                    break
+            t._append(seq[:n], action=True, turn=turn, logprobs=logp[row, :n].tolist())
+            t.turn_last_token.append(len(t.tokens) - 1)
+            text = tokenizer.decode(seq[:n - 1] if ended_with is not None else seq[:n], skip_special_tokens=True)
+            t.actions.append(text)
+            try:
+                obs, reward, done, info = envs[i].step(text)
+                reward = float(reward)
+            except Exception as e:  # an environment bug must not stop training: the episode fails
+                t.turn_rewards.append(0.0)
+                t.end_reason, t.error = "error", "".join(traceback.format_exception(e))
+                log.warning("environment %s raised in step() on seed %d, turn %d; the episode counts as failed:\n%s",
+                            type(envs[i]).__name__, t.seed, turn, t.error)
+                if on_error is not None:
+                    on_error(t)
+                continue
+            t.turn_rewards.append(reward)
+            t.invalid_actions += bool(info.get("invalid", False))
+            if done:
+                t.end_reason, t.success = "done", bool(info.get("success", reward > 0))
+                continue
+            t._append(fmt.after_action(obs, ended_with), action=False, turn=turn + 1)
+            if turn + 1 >= max_turns:
+                t.end_reason = "turn_limit"
+                continue
+            still.append(i)
+        active = still
+        turn += 1
+    if was_training:
+        lm.train()
+    return trajs
+
+
+def rollout_stats(trajs: Sequence[Trajectory]) -> dict[str, float]:
+    n = max(len(trajs), 1)
+    return {
+        "reward_mean": sum(t.reward for t in trajs) / n,
+        "success_rate": sum(t.success for t in trajs) / n,
+        "turns_mean": sum(t.num_turns for t in trajs) / n,
+        "invalid_rate": sum(t.invalid_actions for t in trajs) / max(sum(t.num_turns for t in trajs), 1),
+        "truncated_rate": sum(t.truncated for t in trajs) / n,
+        "env_errors": float(sum(t.end_reason == "error" for t in trajs)),
+        "episode_tokens_mean": sum(len(t.tokens) for t in trajs) / n,
+    }

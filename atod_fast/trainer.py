@@ -1,0 +1,482 @@
+"""The ATOD trainer: rollouts with the student, then a PPO update with the λ-mixed ATOD loss.
+
+One training step (``Trainer.step``):
+
+1. play ``rollout.episodes_per_step`` episodes with the student (``rollout.play``);
+2. one no-grad forward of student (behaviour log-probs under the loss's temperature, values),
+   teacher (last hidden states on agent tokens) and, with ``kl_coef > 0``, reference;
+3. per-turn rewards on each turn's last agent token → ``compute_gae`` over the packed
+   trajectories (truncated episodes bootstrap from the value after their last observation);
+4. λ per agent token from the schedule at (step, turn index);
+5. ``ppo.epochs`` × ``ppo.minibatches`` AdamW steps on ``atod_loss`` + a clipped value loss.
+
+Reproducibility: the environment seeds, the sampling generator and the minibatch order of a
+step are all derived from (seed, step), and checkpoints carry the optimizer and scheduler, so
+a run resumed from a checkpoint takes exactly the steps an uninterrupted run takes (on CPU).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import envs as envs_mod
+from .checkpoint import latest_checkpoint, load_trainer_state, read_meta, save_checkpoint, set_rng_state
+from .config import BUILTIN, ConfigError, TrainConfig, incompatible_keys, load_train_config, to_yaml
+from .evaluation import evaluate_model, format_table
+from .losses import atod_loss
+from .metrics import MetricsWriter
+from .models import Policy, check_same_tokenizer, freeze, last_hidden, lm_head, load_causal_lm, tiny_llama
+from .rollout import ChatFormat, Trajectory, play, rollout_stats, stop_token_ids
+from .schedule import AnnealSchedule
+from .seeds import step_seed, train_seeds
+
+try:
+    from .gae import compute_gae
+except ImportError:  # until the packed GAE lands
+    from ._gae_stopgap import compute_gae
+
+log = logging.getLogger("atod_fast")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device: {name!r} requested but CUDA is not available")
+    return torch.device(name)
+
+
+def set_cpu_threads(n: int | None, *, tiny: bool) -> None:
+    if n is not None:
+        torch.set_num_threads(n)
+    elif tiny:
+        torch.set_num_threads(1)
+
+
+def build_schedule(cfg: TrainConfig, turn_horizon: int) -> AnnealSchedule:
+    s = cfg.schedule
+    total = s.total_steps or cfg.max_steps
+    horizon = s.turn_horizon or turn_horizon
+    if s.mode == "opd":
+        return AnnealSchedule.opd(total, horizon)
+    if s.mode == "rl":
+        return AnnealSchedule.rl(total, horizon)
+    return AnnealSchedule(total, horizon, lambda_max=s.lambda_max, lambda_min=s.lambda_min,
+                          time_decay=s.time_decay, turn_decay=s.turn_decay)
+
+
+def _lr_lambda(cfg: TrainConfig):
+    o, total = cfg.optim, cfg.max_steps
+
+    def f(k: int) -> float:
+        if k < o.warmup_steps:
+            return (k + 1) / o.warmup_steps
+        if o.lr_schedule == "constant":
+            return 1.0
+        p = min((k - o.warmup_steps) / max(total - o.warmup_steps, 1), 1.0)
+        decay = 1.0 - p if o.lr_schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * p))
+        return o.min_lr_ratio + (1.0 - o.min_lr_ratio) * decay
+
+    return f
+
+
+@dataclass
+class Models:
+    policy: Policy
+    tokenizer: object
+    teacher: torch.nn.Module | None
+    reference: torch.nn.Module | None
+
+
+def initial_student(cfg: TrainConfig, teacher_path: str | None):
+    """(lm, tokenizer) of the student before training: rebuilt identically on every call."""
+    if cfg.model.student == BUILTIN:
+        if teacher_path is None:
+            raise ConfigError("model.student: the built-in student takes its tokenizer from the built-in teacher; "
+                              "set model.teacher=builtin or name a student model")
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(teacher_path)
+        return tiny_llama(cfg.model.student_arch, tok, seed=cfg.seed), tok
+    return load_causal_lm(cfg.model.student, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+
+
+def teacher_location(cfg: TrainConfig, *, progress: bool) -> str | None:
+    t = cfg.model.teacher
+    if t is None:
+        return None
+    if t == BUILTIN:
+        from .sft import builtin_teacher
+
+        return str(builtin_teacher(cfg.env, cfg.sft, device=cfg.device, progress=progress))
+    return t
+
+
+class Trainer:
+    """Builds everything a run needs from a :class:`TrainConfig`; ``train()`` runs it."""
+
+    def __init__(self, cfg: TrainConfig, *, resume: str | None = None):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.output_dir)
+        self.device = resolve_device(cfg.device)
+        self.resume_from = self._find_resume(resume)
+        self.start_step = 0
+        self.nonfinite_streak = 0
+
+    # ----------------------------------------------------------------- setup
+    def _find_resume(self, resume: str | None) -> Path | None:
+        if resume is None:
+            if latest_checkpoint(self.run_dir) is not None:
+                raise ConfigError(f"--output-dir: {self.run_dir} already holds checkpoints; pass --resume auto to "
+                                  "continue that run, or choose another output directory")
+            return None
+        ckpt = latest_checkpoint(self.run_dir) if resume == "auto" else Path(resume)
+        if resume == "auto" and ckpt is None:
+            return None  # nothing to resume: a fresh run
+        if ckpt is None or not (ckpt / "meta.json").is_file():
+            raise ConfigError(f"--resume: {resume} is not a complete checkpoint directory")
+        saved = load_train_config(str(ckpt / "config.yaml"))
+        bad = incompatible_keys(saved, self.cfg)
+        if bad:
+            raise ConfigError(f"--resume: the config differs from the checkpoint's in {', '.join(bad)}; "
+                              f"resume with the saved config ({ckpt / 'config.yaml'}) or start a new output dir")
+        return ckpt
+
+    def setup(self, *, progress: bool = True) -> None:
+        cfg = self.cfg
+        set_cpu_threads(cfg.cpu_threads, tiny=cfg.model.student == BUILTIN and cfg.model.teacher in (BUILTIN, None))
+        self.teacher_path = teacher_location(cfg, progress=progress)
+        lm, tok = initial_student(cfg, self.teacher_path)
+        teacher = None
+        if self.teacher_path is not None:
+            teacher, t_tok = load_causal_lm(self.teacher_path, dtype=cfg.model.dtype,
+                                            trust_remote_code=cfg.model.trust_remote_code)
+            check_same_tokenizer(tok, t_tok, cfg.model.student, self.teacher_path, "teacher")
+            teacher = freeze(teacher).to(self.device)
+        reference = None
+        if cfg.loss.kl_coef > 0:
+            if cfg.model.reference is None:
+                reference = copy.deepcopy(lm)
+            else:
+                reference, r_tok = load_causal_lm(cfg.model.reference, dtype=cfg.model.dtype,
+                                                  trust_remote_code=cfg.model.trust_remote_code)
+                check_same_tokenizer(tok, r_tok, cfg.model.student, cfg.model.reference, "reference")
+            reference = freeze(reference).to(self.device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            policy = Policy(lm)
+        if self.resume_from is not None:
+            self._load_weights(policy, self.resume_from)
+        policy.to(self.device).train()
+        self.models = Models(policy, tok, teacher, reference)
+        self.fmt = ChatFormat(tok, stop_token_ids(lm, tok), cfg.model.chat_template)
+        probe = envs_mod.make(cfg.env.name, **cfg.env.kwargs)
+        self.max_turns = cfg.rollout.max_turns or probe.max_turns
+        self.schedule = build_schedule(cfg, self.max_turns)
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(policy.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                                           weight_decay=o.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg))
+        if self.resume_from is not None:
+            st = load_trainer_state(self.resume_from)
+            self.optimizer.load_state_dict(st["optimizer"])
+            self.scheduler.load_state_dict(st["scheduler"])
+            set_rng_state(st["rng"])
+            self.start_step = st["step"]
+            self.nonfinite_streak = st.get("nonfinite_streak", 0)
+        w_s, _ = lm_head(lm)
+        self.vocab_size = None
+        if teacher is not None and lm_head(teacher)[0].shape[0] != w_s.shape[0]:
+            self.vocab_size = len(tok)  # heads padded to different sizes over one tokenizer
+
+    @staticmethod
+    def _load_weights(policy: Policy, ckpt: Path) -> None:
+        from safetensors.torch import load_file
+
+        from .models import load_value_head
+
+        state = {}
+        for f in sorted((ckpt / "student").glob("*.safetensors")):
+            state.update(load_file(str(f)))
+        missing, unexpected = policy.lm.load_state_dict(state, strict=False)
+        missing = [k for k in missing if k not in _tied_keys(policy.lm)]
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {ckpt} does not match the student: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}")
+        load_value_head(policy.value_head, ckpt / "value_head.safetensors")
+
+    # ----------------------------------------------------------------- one step
+    def rollout(self, step: int) -> list[Trajectory]:
+        cfg = self.cfg
+        seeds = train_seeds(cfg.seed, step, cfg.rollout.episodes_per_step)
+        envs = [envs_mod.make(cfg.env.name, **cfg.env.kwargs) for _ in seeds]
+        torch.manual_seed(step_seed(cfg.seed, step))
+        return play(self.models.policy.lm, self.models.tokenizer, self.fmt, envs, seeds, max_turns=self.max_turns,
+                    max_new_tokens=cfg.rollout.max_new_tokens, max_episode_tokens=cfg.rollout.max_episode_tokens,
+                    temperature=cfg.rollout.temperature, device=self.device)
+
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+
+    def _batch(self, trajs: list[Trajectory]):
+        """Right-padded ids/attention/action mask/turn index, [B, W]."""
+        pad = self.models.tokenizer.pad_token_id
+        width = max(len(t.tokens) for t in trajs)
+        ids = torch.full((len(trajs), width), pad, dtype=torch.long)
+        att = torch.zeros((len(trajs), width), dtype=torch.long)
+        act = torch.zeros((len(trajs), width), dtype=torch.bool)
+        turn = torch.zeros((len(trajs), width), dtype=torch.long)
+        for b, t in enumerate(trajs):
+            n = len(t.tokens)
+            ids[b, :n] = torch.tensor(t.tokens)
+            att[b, :n] = 1
+            act[b, :n] = torch.tensor(t.action_mask)
+            turn[b, :n] = torch.tensor(t.turn_idx)
+        return ids.to(self.device), att.to(self.device), act.to(self.device), turn.to(self.device)
+
+    def _logprobs(self, hidden: torch.Tensor, lm, targets: torch.Tensor) -> torch.Tensor:
+        w, bias = lm_head(lm)
+        n = self.vocab_size or w.shape[0]
+        logits = (hidden.float() @ w[:n].float().T) / self.cfg.loss.temperature
+        if bias is not None:
+            logits = logits + bias[:n].float() / self.cfg.loss.temperature
+        return torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1)
+
+    @torch.no_grad()
+    def prepare(self, step: int, trajs: list[Trajectory]) -> dict:
+        """Everything the PPO epochs need, as per-agent-token tensors in trajectory order."""
+        cfg, m = self.cfg, self.models
+        ids, att, act, turn = self._batch(trajs)
+        rows_act = act[:, 1:]  # row r of the hidden states predicts token r + 1
+        targets = ids[:, 1:][rows_act]
+        with self._autocast():
+            h = m.policy.hidden(ids, att)
+        values_all = m.policy.value_head(h)  # [B, W]
+        old_logprobs = self._logprobs(h[:, :-1][rows_act], m.policy.lm, targets)
+        out = {"targets": targets, "old_logprobs": old_logprobs, "old_values": values_all[:, :-1][rows_act]}
+        if m.teacher is not None and self.schedule.lambda_max > 0:
+            with self._autocast():
+                out["teacher_hidden"] = last_hidden(m.teacher, ids, att)[:, :-1][rows_act]
+        if m.reference is not None:
+            with self._autocast():
+                hr = last_hidden(m.reference, ids, att)[:, :-1][rows_act]
+            out["ref_logprobs"] = self._logprobs(hr, m.reference, targets)
+
+        # Packed GAE over rows 0 .. len-2 of every trajectory.
+        lens = torch.tensor([len(t.tokens) - 1 for t in trajs])
+        cu = torch.zeros(len(trajs) + 1, dtype=torch.long)
+        cu[1:] = torch.cumsum(lens, 0)
+        rows_valid = att[:, 1:].bool()
+        rewards = torch.zeros(len(trajs), ids.shape[1] - 1)
+        for b, t in enumerate(trajs):
+            for pos, r in zip(t.turn_last_token, t.turn_rewards, strict=True):
+                rewards[b, pos - 1] += r
+        boot = torch.tensor([float(values_all[b, len(t.tokens) - 1]) if t.truncated else 0.0
+                             for b, t in enumerate(trajs)])
+        packed = rows_valid.cpu()
+        adv, ret = compute_gae(rewards[packed], values_all[:, :-1].float().cpu()[packed], cu, act[:, 1:].cpu()[packed],
+                               gamma=cfg.ppo.gamma, lam=cfg.ppo.gae_lambda, bootstrap_values=boot)
+        a_mask = act[:, 1:].cpu()[packed]
+        adv, ret = adv[a_mask].to(self.device), ret[a_mask].to(self.device)
+        if cfg.ppo.whiten_advantages and adv.numel() > 1:
+            adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+        out["advantages"], out["returns"] = adv, ret
+        out["lam"] = self.schedule(step - 1, turn[:, 1:][rows_act])
+        out["counts"] = rows_act.sum(1).tolist()
+        out["batch"] = (ids, att, act)
+        return out
+
+    def update(self, step: int, data: dict) -> dict:
+        cfg, m = self.cfg, self.models
+        ids, att, act = data["batch"]
+        counts = data["counts"]
+        offsets = [0]
+        for c in counts:
+            offsets.append(offsets[-1] + c)
+        per_traj = [k for k in ("targets", "old_logprobs", "old_values", "teacher_hidden", "ref_logprobs",
+                                "advantages", "returns", "lam") if k in data]
+        w_s, b_s = lm_head(m.policy.lm)
+        w_t, b_t = lm_head(m.teacher) if "teacher_hidden" in data else (None, None)
+        gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, salt=1))
+        sums: dict[str, float] = {}
+        n_rows, skipped, grad_norms = 0, 0, []
+        for _ in range(cfg.ppo.epochs):
+            order = torch.randperm(len(counts), generator=gen)
+            for mb in order.chunk(cfg.ppo.minibatches):
+                idx = [i for i in mb.tolist() if counts[i] > 0]
+                if not idx:
+                    continue
+                sel = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in idx]).to(self.device)
+                d = {k: data[k][sel] for k in per_traj}
+                width = int(att[idx].sum(1).max())
+                mb_ids, mb_att, mb_act = ids[idx, :width], att[idx, :width], act[idx, :width]
+                with self._autocast():
+                    h = m.policy.hidden(mb_ids, mb_att)[:, :-1][mb_act[:, 1:]]
+                out = atod_loss(
+                    h, w_s, d["targets"], d["old_logprobs"], d["advantages"], d["lam"],
+                    torch.ones_like(d["lam"], dtype=torch.bool), student_bias=b_s,
+                    teacher_hidden=d.get("teacher_hidden"), teacher_weight=w_t, teacher_bias=b_t,
+                    ref_logprobs=d.get("ref_logprobs"), divergence=cfg.loss.divergence, jsd_beta=cfg.loss.jsd_beta,
+                    temperature=cfg.loss.temperature, clip_eps_low=cfg.loss.clip_eps_low,
+                    clip_eps_high=cfg.loss.clip_eps_high, dual_clip=cfg.loss.dual_clip, kl_coef=cfg.loss.kl_coef,
+                    entropy_coef=cfg.loss.entropy_coef, vocab_size=self.vocab_size, backend=cfg.loss.backend,
+                )
+                v = m.policy.value_head(h)
+                v_loss = (v - d["returns"]) ** 2
+                if cfg.ppo.value_clip is not None:
+                    v_clip = d["old_values"] + (v - d["old_values"]).clamp(-cfg.ppo.value_clip, cfg.ppo.value_clip)
+                    v_loss = torch.maximum(v_loss, (v_clip - d["returns"]) ** 2)
+                v_loss = 0.5 * v_loss.mean()
+                total = out.loss + cfg.ppo.value_loss_coef * v_loss
+                if not torch.isfinite(total):
+                    skipped += 1
+                    continue
+                self.optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                if cfg.optim.max_grad_norm is not None:
+                    gn = torch.nn.utils.clip_grad_norm_(m.policy.parameters(), cfg.optim.max_grad_norm)
+                    if not torch.isfinite(gn):
+                        skipped += 1
+                        self.optimizer.zero_grad(set_to_none=True)
+                        continue
+                    grad_norms.append(float(gn))
+                self.optimizer.step()
+                k = len(sel)
+                n_rows += k
+                for name, val in (("loss", total.item() * k), ("value_loss", v_loss.item() * k),
+                                  ("distill", out.distill.sum().item()), ("pg", out.pg.sum().item()),
+                                  ("kl", out.kl.sum().item()), ("entropy", out.entropy.sum().item()),
+                                  ("clipfrac", out.clipped.float().sum().item())):
+                    sums[name] = sums.get(name, 0.0) + val
+        self.scheduler.step()
+        metrics = {k: v / max(n_rows, 1) for k, v in sums.items()}
+        for k in ("loss", "value_loss", "distill", "pg", "kl", "entropy", "clipfrac"):
+            metrics.setdefault(k, float("nan"))
+        metrics["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else float("nan")
+        metrics["skipped_updates"] = skipped
+        metrics["nonfinite"] = skipped > 0
+        return metrics
+
+    def step(self, step: int) -> dict:
+        t0 = time.perf_counter()
+        trajs = self.rollout(step)
+        t1 = time.perf_counter()
+        data = self.prepare(step, trajs)
+        metrics = self.update(step, data)
+        t2 = time.perf_counter()
+        stats = rollout_stats(trajs)
+        n_tokens = sum(len(t.tokens) for t in trajs)
+        horizon = self.schedule.turn_horizon
+        lam_turn = self.schedule(step - 1, torch.arange(max(horizon, self.max_turns))).tolist()
+        return {
+            "step": step, **metrics,
+            "lambda_mean": float(data["lam"].mean()) if data["lam"].numel() else float("nan"),
+            "lambda_turn": [round(x, 6) for x in lam_turn],
+            **stats, "tokens": n_tokens, "action_tokens": int(sum(data["counts"])),
+            "tokens_per_s": n_tokens / max(t2 - t0, 1e-9), "rollout_s": t1 - t0, "update_s": t2 - t1,
+            "lr": self.scheduler.get_last_lr()[0],
+        }
+
+    # ----------------------------------------------------------------- the loop
+    def save(self, step: int) -> Path:
+        return save_checkpoint(self.run_dir, step, policy=self.models.policy, tokenizer=self.models.tokenizer,
+                               optimizer=self.optimizer, scheduler=self.scheduler, config_yaml=to_yaml(self.cfg),
+                               state={"nonfinite_streak": self.nonfinite_streak}, max_steps=self.cfg.max_steps,
+                               keep_last=self.cfg.checkpoint.keep_last)
+
+    def train(self) -> dict:
+        """Run to max_steps; returns the final evaluation table (empty if eval.at_end is false)."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+        if self.resume_from is not None:
+            meta = read_meta(self.resume_from)
+            if meta["step"] >= cfg.max_steps:
+                print(f"run already finished: {self.resume_from} is at step {meta['step']} of {cfg.max_steps}; "
+                      "nothing to do")
+                return {}
+        self.setup(progress=cfg.logging.progress)
+        if self.start_step:
+            log.info("resuming from %s (step %d)", self.resume_from, self.start_step)
+        writer = MetricsWriter(self.run_dir, tensorboard=cfg.logging.tensorboard, resume_step=self.start_step)
+        bar = tqdm(total=cfg.max_steps, initial=self.start_step, desc="train", disable=not cfg.logging.progress,
+                   dynamic_ncols=True)
+        last_good = latest_checkpoint(self.run_dir)
+        try:
+            for step in range(self.start_step + 1, cfg.max_steps + 1):
+                m = self.step(step)
+                writer.write(m)
+                self.nonfinite_streak = self.nonfinite_streak + 1 if m["nonfinite"] else 0
+                if m["nonfinite"]:
+                    log.warning("step %d: non-finite loss in %d minibatch(es); those updates were skipped",
+                                step, m["skipped_updates"])
+                if self.nonfinite_streak >= cfg.optim.max_nonfinite_steps:
+                    raise NonFiniteLossError(
+                        f"stopping at step {step}: non-finite loss in {self.nonfinite_streak} consecutive steps "
+                        f"(optim.max_nonfinite_steps={cfg.optim.max_nonfinite_steps}); last good checkpoint: "
+                        f"{last_good or 'none'}. Lower optim.lr or check the reward and model outputs")
+                bar.update(1)
+                bar.set_postfix_str(f"tok/s={m['tokens_per_s']:.0f} reward={m['reward_mean']:.2f} "
+                                    f"success={m['success_rate']:.2f} λ={m['lambda_mean']:.2f}")
+                if not cfg.logging.progress and (step % cfg.logging.log_every == 0 or step == cfg.max_steps):
+                    print(f"step {step}/{cfg.max_steps} loss={m['loss']:.4f} reward={m['reward_mean']:.3f} "
+                          f"success={m['success_rate']:.3f} λ={m['lambda_mean']:.3f} tok/s={m['tokens_per_s']:.0f}",
+                          flush=True)
+                if step % cfg.checkpoint.every == 0 or step == cfg.max_steps:
+                    last_good = self.save(step)
+        finally:
+            bar.close()
+            writer.close()
+        if not cfg.eval.at_end:
+            return {}
+        return self.final_eval()
+
+    def final_eval(self) -> dict:
+        cfg = self.cfg
+        rows = compare(cfg, self.models.policy.lm, self.models.tokenizer, self.models.teacher, self.teacher_path,
+                       self.device, episodes=cfg.eval.episodes)
+        import json
+
+        (self.run_dir / "eval.json").write_text(json.dumps(rows, indent=2))
+        print(f"\nHeld-out evaluation ({cfg.eval.episodes} episodes of {cfg.env.name}, "
+              f"temperature {cfg.eval.temperature}):\n")
+        print(format_table(rows))
+        return rows
+
+
+def _tied_keys(lm) -> set[str]:
+    keys = getattr(lm, "_tied_weights_keys", None) or []
+    return set(keys.keys()) if isinstance(keys, dict) else set(keys)
+
+
+def eval_kwargs(cfg: TrainConfig, device: torch.device, episodes: int) -> dict:
+    return dict(env_name=cfg.env.name, env_kwargs=cfg.env.kwargs, episodes=episodes, max_turns=cfg.rollout.max_turns,
+                max_new_tokens=cfg.rollout.max_new_tokens, max_episode_tokens=cfg.rollout.max_episode_tokens,
+                temperature=cfg.eval.temperature, device=device, chat_template=cfg.model.chat_template)
+
+
+def compare(cfg: TrainConfig, student_lm, tokenizer, teacher, teacher_path, device, *, episodes: int,
+            student_name: str = "student-after") -> dict:
+    """Held-out success of teacher, the initial student and ``student_lm``."""
+    kw = eval_kwargs(cfg, device, episodes)
+    rows = {}
+    if teacher is not None:
+        rows["teacher"] = evaluate_model(teacher, tokenizer, **kw)
+    before, _ = initial_student(cfg, teacher_path)
+    rows["student-before"] = evaluate_model(before.to(device), tokenizer, **kw)
+    del before
+    rows[student_name] = evaluate_model(student_lm, tokenizer, **kw)
+    return rows
