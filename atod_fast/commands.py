@@ -50,6 +50,10 @@ def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("transformers", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-file load/save bars would drown the training progress bar
+    hf_logging.set_verbosity_error()
 
 
 def _overrides(args, flags: dict[str, str]) -> list[str]:

@@ -95,7 +95,7 @@ class EnvConfig:
 
     name: str = "guess_number"
     """Registered environment name (``atod-fast envs`` lists them)."""
-    kwargs: dict[str, Any] = field(default_factory=lambda: {"low": 1, "high": 16, "max_turns": 5})
+    kwargs: dict[str, Any] = field(default_factory=lambda: {"low": 1, "high": 31, "max_turns": 5})
     """Keyword arguments of the environment's constructor."""
 
     def __post_init__(self):
@@ -330,7 +330,7 @@ class SftConfig:
     """Rate of the expert's mistakes in the demonstrations: leaves the teacher room to be beaten."""
     episodes: int = 4000
     """Expert demonstrations generated."""
-    steps: int = 600
+    steps: int = 400
     """Optimizer steps."""
     batch_size: int = 32
     """Episodes per optimizer step."""
@@ -358,7 +358,7 @@ class TrainConfig:
     """Run directory: resolved config, metrics.jsonl, TensorBoard events, checkpoints."""
     seed: int = 0
     """Seed of model init, environment seeds, sampling and minibatch order."""
-    max_steps: int = 120
+    max_steps: int = 150
     """Training steps (one rollout batch and one PPO update each)."""
     device: str = "auto"
     """auto (CUDA when available), cpu, cuda or cuda:N."""

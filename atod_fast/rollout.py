@@ -130,7 +130,8 @@ def play(lm, tokenizer, fmt: ChatFormat, envs: Sequence, seeds: Sequence[int], *
     pad = tokenizer.pad_token_id
     gen_cfg = GenerationConfig(
         do_sample=temperature > 0, temperature=temperature if temperature > 0 else None, top_k=None, top_p=None,
-        max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=pad,
+        max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=pad, return_dict_in_generate=True,
+        output_logits=True,
     )
     trajs = [Trajectory(seed=s) for s in seeds]
     for env, t, s in zip(envs, trajs, seeds, strict=True):
@@ -153,8 +154,7 @@ def play(lm, tokenizer, fmt: ChatFormat, envs: Sequence, seeds: Sequence[int], *
         for row, i in enumerate(active):  # left padding: every row's next token is at the same column
             ids[row, width - lengths[row]:] = torch.tensor(trajs[i].tokens)
             mask[row, width - lengths[row]:] = 1
-        out = lm.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg,
-                          return_dict_in_generate=True, output_logits=True)
+        out = lm.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg)
         new = out.sequences[:, width:].cpu()
         logits = torch.stack(out.logits, dim=1).float().cpu()  # [b, n_new, V]
         if temperature > 0:
