@@ -35,7 +35,12 @@ def _cmd_envs(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Config overrides (key=value) may sit before and after options: argparse hands the later ones back.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides"):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides += extra
     if args.command is None:
         parser.print_help()
         return 0

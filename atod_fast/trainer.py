@@ -21,6 +21,7 @@ import copy
 import logging
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -359,7 +360,9 @@ class Trainer:
                                   ("kl", out.kl.sum().item()), ("entropy", out.entropy.sum().item()),
                                   ("clipfrac", out.clipped.float().sum().item())):
                     sums[name] = sums.get(name, 0.0) + val
-        self.scheduler.step()
+        with warnings.catch_warnings():  # the LR schedule follows training steps, even fully skipped ones
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+            self.scheduler.step()
         metrics = {k: v / max(n_rows, 1) for k, v in sums.items()}
         for k in ("loss", "value_loss", "distill", "pg", "kl", "entropy", "clipfrac"):
             metrics.setdefault(k, float("nan"))
