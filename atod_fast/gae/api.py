@@ -26,14 +26,15 @@ def _gae_cpp(x: GaeInputs) -> tuple[torch.Tensor, torch.Tensor]:
     r = x.rewards if x.rewards.dtype in (torch.float32, torch.float64) else x.rewards.float()
     v = x.values if x.values.dtype in (torch.float32, torch.float64) else x.values.float()
     T = x.num_tokens
+    # one thread per torch thread (torch.set_num_threads / OMP_NUM_THREADS); small inputs use fewer
     adv = torch.empty(T, dtype=torch.float32)
     ret = torch.empty(T, dtype=torch.float32)
     boot = None if x.bootstrap is None else x.bootstrap.numpy()
-    bad = ext.gae(r.numpy(), v.numpy(), x.action_mask.numpy(), x.cu_host, boot, adv.numpy(), ret.numpy(),
-                  x.gamma, x.lam, torch.get_num_threads())
-    if bad >= 0:
+    ok = ext.gae(r.numpy(), v.numpy(), x.action_mask.numpy(), x.cu_host, boot, adv.numpy(), ret.numpy(),
+                 x.gamma, x.lam, torch.get_num_threads())
+    if not ok:
         check_token_values(x)  # raises the error for the first bad token
-        raise AssertionError(f"_gae_cpp flagged token {bad} but the values check found nothing")
+        raise AssertionError("_gae_cpp flagged a bad token but the values check found none")
     return adv, ret
 
 
