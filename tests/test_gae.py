@@ -80,6 +80,21 @@ def test_matches_reference(backend, lengths, gamma, lam, bootstrap, sparse, seed
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("gamma", "lam"), [(1.0, 1.0), (0.99, 0.95), (0.5, 0.3), (1.0, 0.0), (0.0, 1.0)])
+def test_long_trajectories_match_reference(backend, gamma, lam):
+    """Trajectories long enough for several blocks and levels of the blocked backends."""
+    rng = np.random.default_rng(11)
+    lengths = [9000, 0, 130, 4500, 1]
+    r, v, cu, m = random_batch(rng, lengths, sparse_rewards=False)
+    boot = rng.standard_normal(len(lengths))
+    ref_a, ref_r = gae_reference(r.tolist(), v.tolist(), cu.tolist(), m.tolist(), gamma=gamma, lam=lam,
+                                 bootstrap_values=boot.tolist())
+    tri_a, tri_r = _run(backend, r, v, cu, m, gamma=gamma, lam=lam, bootstrap_values=boot)
+    _assert_close(tri_a, ref_a)
+    _assert_close(tri_r, ref_r)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("T", [1, 37, 1000])
 def test_all_actions_equals_textbook_gae(backend, T):
     rng = np.random.default_rng(T)
