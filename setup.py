@@ -71,7 +71,8 @@ def _extensions():
                 name,
                 sources,
                 cxx_std=17,
-                extra_compile_args=["-O3"] if os.name != "nt" else ["/O2"],
+                extra_compile_args=["-O3", "-pthread"] if os.name != "nt" else ["/O2"],
+                extra_link_args=["-pthread"] if os.name != "nt" else [],
             )
         )
     return exts
