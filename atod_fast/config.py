@@ -81,11 +81,14 @@ class ModelConfig:
     """Weight dtype of the loaded models: float32 or bfloat16 (bf16 autocast on CUDA is separate)."""
     trust_remote_code: bool = False
     """Passed to transformers' from_pretrained."""
+    packing: str = "auto"
+    """Training forwards: packed (one row, position ids), padded, or auto (packed with flash-attention)."""
 
     def __post_init__(self):
         _need(isinstance(self.student, str) and self.student != "", "model.student", "a model name or path",
               self.student)
         _need(self.dtype in ("float32", "bfloat16"), "model.dtype", "float32 or bfloat16", self.dtype)
+        _need(self.packing in ("auto", "packed", "padded"), "model.packing", "auto, packed or padded", self.packing)
         self.student_arch.check("model.student_arch")
 
 
@@ -115,7 +118,8 @@ class RolloutConfig:
     max_turns: int | None = None
     """Agent turns per episode before truncation (bootstrapped); null: the environment's max_turns."""
     max_episode_tokens: int = 1024
-    """Token budget of one episode (prompt, observations and actions); reaching it truncates (bootstrapped)."""
+    """Token budget of one episode: a turn starts only if its longest reply fits (the observation after it is
+    kept whole); an episode stopped by it is truncated and bootstrapped."""
     temperature: float = 1.0
     """Sampling temperature of the student during training rollouts."""
 

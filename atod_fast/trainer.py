@@ -31,17 +31,14 @@ from . import envs as envs_mod
 from .checkpoint import latest_checkpoint, load_trainer_state, read_meta, save_checkpoint, set_rng_state
 from .config import BUILTIN, ConfigError, TrainConfig, incompatible_keys, load_train_config, to_yaml
 from .evaluation import evaluate_model, format_table
+from .gae import compute_gae, masked_whiten
 from .losses import atod_loss
 from .metrics import MetricsWriter
-from .models import Policy, check_same_tokenizer, freeze, last_hidden, lm_head, load_causal_lm, tiny_llama
+from .models import Policy, check_same_tokenizer, decoder_of, freeze, lm_head, load_causal_lm, tiny_llama
+from .packing import Packed, last_hidden_states, pack
 from .rollout import ChatFormat, Trajectory, play, rollout_stats, stop_token_ids
 from .schedule import AnnealSchedule
 from .seeds import step_seed, train_seeds
-
-try:
-    from .gae import compute_gae
-except ImportError:  # until the packed GAE lands
-    from ._gae_stopgap import compute_gae
 
 log = logging.getLogger("atod_fast")
 
@@ -230,21 +227,24 @@ class Trainer:
     def _autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
 
-    def _batch(self, trajs: list[Trajectory]):
-        """Right-padded ids/attention/action mask/turn index, [B, W]."""
-        pad = self.models.tokenizer.pad_token_id
-        width = max(len(t.tokens) for t in trajs)
-        ids = torch.full((len(trajs), width), pad, dtype=torch.long)
-        att = torch.zeros((len(trajs), width), dtype=torch.long)
-        act = torch.zeros((len(trajs), width), dtype=torch.bool)
-        turn = torch.zeros((len(trajs), width), dtype=torch.long)
-        for b, t in enumerate(trajs):
-            n = len(t.tokens)
-            ids[b, :n] = torch.tensor(t.tokens)
-            att[b, :n] = 1
-            act[b, :n] = torch.tensor(t.action_mask)
-            turn[b, :n] = torch.tensor(t.turn_idx)
-        return ids.to(self.device), att.to(self.device), act.to(self.device), turn.to(self.device)
+    def _layout(self, trajs: list[Trajectory]) -> tuple[Packed, torch.Tensor]:
+        """The trajectories packed end to end, and the packed positions whose hidden state predicts an agent token.
+
+        Row i of the hidden states predicts token i + 1 of the same trajectory; the last token of a
+        trajectory predicts nothing.
+        """
+        packed = pack([torch.tensor(t.tokens, dtype=torch.long) for t in trajs])
+        packed = Packed(packed.input_ids.to(self.device), packed.position_ids.to(self.device), packed.cu_seqlens,
+                        packed.lengths)
+        act = torch.tensor([a for t in trajs for a in t.action_mask], dtype=torch.bool)
+        nxt = torch.zeros_like(act)
+        nxt[:-1] = act[1:]
+        nxt[packed.cu_seqlens[1:] - 1] = False
+        return packed, nxt.nonzero().squeeze(1).to(self.device)
+
+    def _hidden(self, lm, packed: Packed) -> torch.Tensor:
+        with self._autocast():
+            return last_hidden_states(decoder_of(lm), packed, mode=self.cfg.model.packing)
 
     def _logprobs(self, hidden: torch.Tensor, lm, targets: torch.Tensor) -> torch.Tensor:
         w, bias = lm_head(lm)
@@ -258,50 +258,47 @@ class Trainer:
     def prepare(self, step: int, trajs: list[Trajectory]) -> dict:
         """Everything the PPO epochs need, as per-agent-token tensors in trajectory order."""
         cfg, m = self.cfg, self.models
-        ids, att, act, turn = self._batch(trajs)
-        rows_act = act[:, 1:]  # row r of the hidden states predicts token r + 1
-        targets = ids[:, 1:][rows_act]
-        with self._autocast():
-            h = m.policy.hidden(ids, att)
-        values_all = m.policy.value_head(h)  # [B, W]
-        old_logprobs = self._logprobs(h[:, :-1][rows_act], m.policy.lm, targets)
-        out = {"targets": targets, "old_logprobs": old_logprobs, "old_values": values_all[:, :-1][rows_act]}
+        packed, arow = self._layout(trajs)
+        targets = packed.input_ids[arow + 1]
+        h = self._hidden(m.policy.lm, packed)  # [T, H]
+        values_tok = m.policy.value_head(h)  # [T]
+        old_logprobs = self._logprobs(h[arow], m.policy.lm, targets)
+        out = {"targets": targets, "old_logprobs": old_logprobs, "old_values": values_tok[arow]}
         if m.teacher is not None and self.schedule.lambda_max > 0:
-            with self._autocast():
-                out["teacher_hidden"] = last_hidden(m.teacher, ids, att)[:, :-1][rows_act]
+            out["teacher_hidden"] = self._hidden(m.teacher, packed)[arow]
         if m.reference is not None:
-            with self._autocast():
-                hr = last_hidden(m.reference, ids, att)[:, :-1][rows_act]
-            out["ref_logprobs"] = self._logprobs(hr, m.reference, targets)
+            out["ref_logprobs"] = self._logprobs(self._hidden(m.reference, packed)[arow], m.reference, targets)
 
-        # Packed GAE over rows 0 .. len-2 of every trajectory.
-        lens = torch.tensor([len(t.tokens) - 1 for t in trajs])
-        cu = torch.zeros(len(trajs) + 1, dtype=torch.long)
-        cu[1:] = torch.cumsum(lens, 0)
-        rows_valid = att[:, 1:].bool()
-        rewards = torch.zeros(len(trajs), ids.shape[1] - 1)
+        # GAE runs over the rows 0 .. len-2 of every trajectory (each predicts the next token); a
+        # turn's reward sits on the row that predicts the turn's last agent token.
+        cu_tok = packed.cu_seqlens
+        rows = torch.ones(int(cu_tok[-1]), dtype=torch.bool)
+        rows[cu_tok[1:] - 1] = False
+        row_pos = rows.nonzero().squeeze(1)
+        act = torch.tensor([a for t in trajs for a in t.action_mask], dtype=torch.bool)
+        rewards_tok = torch.zeros(int(cu_tok[-1]))
         for b, t in enumerate(trajs):
             for pos, r in zip(t.turn_last_token, t.turn_rewards, strict=True):
-                rewards[b, pos - 1] += r
-        boot = torch.tensor([float(values_all[b, len(t.tokens) - 1]) if t.truncated else 0.0
+                rewards_tok[int(cu_tok[b]) + pos - 1] += r
+        boot = torch.tensor([float(values_tok[int(cu_tok[b + 1]) - 1]) if t.truncated else 0.0
                              for b, t in enumerate(trajs)])
-        packed = rows_valid.cpu()
-        adv, ret = compute_gae(rewards[packed], values_all[:, :-1].float().cpu()[packed], cu, act[:, 1:].cpu()[packed],
+        cu_rows = cu_tok - torch.arange(len(trajs) + 1)
+        act_rows = act[row_pos + 1]
+        adv, ret = compute_gae(rewards_tok[row_pos], values_tok.float().cpu()[row_pos], cu_rows, act_rows,
                                gamma=cfg.ppo.gamma, lam=cfg.ppo.gae_lambda, bootstrap_values=boot)
-        a_mask = act[:, 1:].cpu()[packed]
-        adv, ret = adv[a_mask].to(self.device), ret[a_mask].to(self.device)
+        adv, ret = adv[act_rows].to(self.device), ret[act_rows].to(self.device)
         if cfg.ppo.whiten_advantages and adv.numel() > 1:
-            adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+            adv = masked_whiten(adv, torch.ones_like(adv, dtype=torch.bool))
         out["advantages"], out["returns"] = adv, ret
-        out["lam"] = self.schedule(step - 1, turn[:, 1:][rows_act])
-        out["counts"] = rows_act.sum(1).tolist()
-        out["batch"] = (ids, att, act)
+        turn = torch.tensor([k for t in trajs for k in t.turn_idx], dtype=torch.long, device=self.device)
+        out["lam"] = self.schedule(step - 1, turn[arow + 1])
+        out["counts"] = [sum(t.action_mask[1:]) for t in trajs]
+        out["trajs"] = trajs
         return out
 
     def update(self, step: int, data: dict) -> dict:
         cfg, m = self.cfg, self.models
-        ids, att, act = data["batch"]
-        counts = data["counts"]
+        trajs, counts = data["trajs"], data["counts"]
         offsets = [0]
         for c in counts:
             offsets.append(offsets[-1] + c)
@@ -320,10 +317,8 @@ class Trainer:
                     continue
                 sel = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in idx]).to(self.device)
                 d = {k: data[k][sel] for k in per_traj}
-                width = int(att[idx].sum(1).max())
-                mb_ids, mb_att, mb_act = ids[idx, :width], att[idx, :width], act[idx, :width]
-                with self._autocast():
-                    h = m.policy.hidden(mb_ids, mb_att)[:, :-1][mb_act[:, 1:]]
+                packed, arow = self._layout([trajs[i] for i in idx])
+                h = self._hidden(m.policy.lm, packed)[arow]
                 out = atod_loss(
                     h, w_s, d["targets"], d["old_logprobs"], d["advantages"], d["lam"],
                     torch.ones_like(d["lam"], dtype=torch.bool), student_bias=b_s,

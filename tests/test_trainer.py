@@ -218,3 +218,40 @@ def test_different_tokenizers_are_refused(teacher_path):
     with pytest.raises(ValueError, match="different tokenizer"):
         check_same_tokenizer(tok, other, "student", "other", "teacher")
     check_same_tokenizer(tok, tok, "student", "same", "teacher")
+
+
+def test_prepare_places_rewards_and_lambda_per_turn(teacher_path):
+    """With γ = λ_GAE = 1 and no whitening, the return of every agent token is its episode's reward-to-go."""
+    from atod_fast.trainer import Trainer
+
+    cfg = load_train_config(None, [*TINY, "ppo.gamma=1.0", "ppo.gae_lambda=1.0", "ppo.whiten_advantages=false",
+                                   "rollout.episodes_per_step=8", "rollout.max_turns=3"])
+    tr = Trainer(cfg)
+    tr.setup(progress=False)
+    trajs = tr.rollout(1)
+    data = tr.prepare(1, trajs)
+    off = 0
+    for t, n in zip(trajs, data["counts"], strict=True):
+        pos = [i for i, a in enumerate(t.action_mask) if a]
+        assert n == len(pos)
+        assert data["targets"][off:off + n].tolist() == [t.tokens[i] for i in pos]
+        turns = torch.tensor([t.turn_idx[i] for i in pos])
+        assert torch.equal(data["lam"][off:off + n], tr.schedule(0, turns))
+        if not t.truncated:
+            to_go = torch.tensor([sum(t.turn_rewards[k:]) for k in turns.tolist()])
+            torch.testing.assert_close(data["returns"][off:off + n].cpu(), to_go)
+        off += n
+    assert off == data["targets"].numel() == data["teacher_hidden"].shape[0]
+    assert any(t.end_reason == "turn_limit" for t in trajs)
+
+
+def test_packed_and_padded_forwards_agree(tmp_path):
+    """The training forward gives the same step whether sequences are packed or padded."""
+    res = {}
+    for mode in ("packed", "padded"):
+        run = tmp_path / mode
+        assert main(["train", "--output-dir", str(run), "--max-steps", "1", *TINY, "eval.at_end=false",
+                     f"model.packing={mode}"]) == 0
+        res[mode] = read_metrics(run)[0]
+    for k in ("loss", "distill", "pg", "entropy", "value_loss"):
+        assert res["packed"][k] == pytest.approx(res["padded"][k], rel=1e-4, abs=1e-6), k
