@@ -23,7 +23,7 @@ def evaluate_model(lm, tokenizer, *, env_name: str, env_kwargs: dict, episodes: 
     fmt = ChatFormat(tokenizer, stop_token_ids(lm, tokenizer), chat_template)
     seeds = eval_seeds(episodes)
     trajs = []
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if device.type == "cuda" else []):
         torch.manual_seed(EVAL_SAMPLING_SEED)
         for i in range(0, episodes, _BATCH):
             chunk = seeds[i:i + _BATCH]
