@@ -92,19 +92,38 @@ class ModelConfig:
         self.student_arch.check("model.student_arch")
 
 
+# The embedded default plays guess_number on 1..31 with 5 guesses: bisection always wins there, so
+# an expert that errs leaves its teacher room to be beaten.
+DEFAULT_ENV_KWARGS: dict[str, dict[str, Any]] = {"guess_number": {"low": 1, "high": 31, "max_turns": 5}}
+
+
 @dataclass(kw_only=True)
 class EnvConfig:
     """The environment, built with ``atod_fast.envs.make(name, **kwargs)``."""
 
     name: str = "guess_number"
     """Registered environment name (``atod-fast envs`` lists them)."""
-    kwargs: dict[str, Any] = field(default_factory=lambda: {"low": 1, "high": 31, "max_turns": 5})
-    """Keyword arguments of the environment's constructor."""
+    kwargs: dict[str, Any] | None = None
+    """Keyword arguments of the environment's constructor; null: the built-in defaults (guess_number: 1..31,
+    5 guesses; other environments: their own defaults)."""
 
     def __post_init__(self):
         from .envs import registered
 
         _need(self.name in registered(), "env.name", f"one of {sorted(registered())}", self.name)
+
+    def resolved_kwargs(self) -> dict[str, Any]:
+        return dict(DEFAULT_ENV_KWARGS.get(self.name, {}) if self.kwargs is None else self.kwargs)
+
+    def make(self, **extra):
+        """A new environment; bad keyword arguments are a ConfigError naming env.kwargs."""
+        from .envs import make
+
+        kwargs = self.resolved_kwargs()
+        try:
+            return make(self.name, **kwargs, **extra)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"env.kwargs: {self.name} rejects {kwargs}: {e}") from None
 
 
 @dataclass(kw_only=True)

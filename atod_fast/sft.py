@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-from . import envs as envs_mod
 from .config import EnvConfig, SftConfig, SftRunConfig, config_hash
 from .models import build_tokenizer, load_causal_lm, tiny_llama
 from .rollout import ChatFormat, stop_token_ids
@@ -30,13 +29,12 @@ BUILTIN_TEACHER_VERSION = 1
 
 
 def make_expert_env(env_cfg: EnvConfig, error_rate: float):
-    kwargs = dict(env_cfg.kwargs)
-    kwargs["expert_error_rate"] = error_rate
+    env_cfg.make()  # bad env.kwargs are reported as such, not as a missing expert
     try:
-        env = envs_mod.make(env_cfg.name, **kwargs)
-    except TypeError as e:
-        raise ValueError(f"env.name={env_cfg.name!r} has no scripted expert (it does not take expert_error_rate): "
-                         f"set model.teacher to a model") from e
+        env = env_cfg.make(expert_error_rate=error_rate)
+    except ValueError as e:
+        raise ValueError(f"env.name={env_cfg.name!r} has no scripted expert with an error rate ({e}): set "
+                         "model.teacher to a model") from None
     if not hasattr(env, "expert_action"):
         raise ValueError(f"env.name={env_cfg.name!r} has no scripted expert: set model.teacher to a model")
     return env

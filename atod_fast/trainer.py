@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 
-from . import envs as envs_mod
 from .checkpoint import latest_checkpoint, load_trainer_state, read_meta, save_checkpoint, set_rng_state
 from .config import BUILTIN, ConfigError, TrainConfig, incompatible_keys, load_train_config, to_yaml
 from .evaluation import evaluate_model, format_table
@@ -179,7 +178,7 @@ class Trainer:
         policy.to(self.device).train()
         self.models = Models(policy, tok, teacher, reference)
         self.fmt = ChatFormat(tok, stop_token_ids(lm, tok), cfg.model.chat_template)
-        probe = envs_mod.make(cfg.env.name, **cfg.env.kwargs)
+        probe = cfg.env.make()
         self.max_turns = cfg.rollout.max_turns or probe.max_turns
         self.schedule = build_schedule(cfg, self.max_turns)
         o = cfg.optim
@@ -218,7 +217,7 @@ class Trainer:
     def rollout(self, step: int) -> list[Trajectory]:
         cfg = self.cfg
         seeds = train_seeds(cfg.seed, step, cfg.rollout.episodes_per_step)
-        envs = [envs_mod.make(cfg.env.name, **cfg.env.kwargs) for _ in seeds]
+        envs = [cfg.env.make() for _ in seeds]
         torch.manual_seed(step_seed(cfg.seed, step))
         return play(self.models.policy.lm, self.models.tokenizer, self.fmt, envs, seeds, max_turns=self.max_turns,
                     max_new_tokens=cfg.rollout.max_new_tokens, max_episode_tokens=cfg.rollout.max_episode_tokens,
@@ -461,8 +460,9 @@ def _tied_keys(lm) -> set[str]:
 
 
 def eval_kwargs(cfg: TrainConfig, device: torch.device, episodes: int) -> dict:
-    return dict(env_name=cfg.env.name, env_kwargs=cfg.env.kwargs, episodes=episodes, max_turns=cfg.rollout.max_turns,
-                max_new_tokens=cfg.rollout.max_new_tokens, max_episode_tokens=cfg.rollout.max_episode_tokens,
+    r = cfg.rollout
+    return dict(env_name=cfg.env.name, env_kwargs=cfg.env.resolved_kwargs(), episodes=episodes,
+                max_turns=r.max_turns, max_new_tokens=r.max_new_tokens, max_episode_tokens=r.max_episode_tokens,
                 temperature=cfg.eval.temperature, device=device, chat_template=cfg.model.chat_template)
 
 
