@@ -112,11 +112,6 @@ def decoder_of(lm: nn.Module) -> nn.Module:
     return base
 
 
-def last_hidden(lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """``[B, L, H]`` last hidden states (the LM head's input)."""
-    return decoder_of(lm)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-
-
 def lm_head(lm: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     head = lm.get_output_embeddings()
     return head.weight, getattr(head, "bias", None)
@@ -143,9 +138,6 @@ class Policy(nn.Module):
         super().__init__()
         self.lm = lm
         self.value_head = value_head or ValueHead(lm.config.hidden_size)
-
-    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return last_hidden(self.lm, input_ids, attention_mask)
 
 
 def save_value_head(head: ValueHead, path: Path) -> None:

@@ -3,8 +3,9 @@
 One training step (``Trainer.step``):
 
 1. play ``rollout.episodes_per_step`` episodes with the student (``rollout.play``);
-2. one no-grad forward of student (behaviour log-probs under the loss's temperature, values),
-   teacher (last hidden states on agent tokens) and, with ``kl_coef > 0``, reference;
+2. one no-grad forward of student (log-probs under the loss's temperature, the PPO ratio's
+   denominator, and values), teacher (last hidden states on agent tokens) and, with
+   ``kl_coef > 0``, reference, over the episodes packed end to end (``atod_fast.packing``);
 3. per-turn rewards on each turn's last agent token → ``compute_gae`` over the packed
    trajectories (truncated episodes bootstrap from the value after their last observation);
 4. λ per agent token from the schedule at (step, turn index);

@@ -116,6 +116,10 @@ def test_sigkill_and_resume_gives_the_same_weights(tmp_path):
     done = [p.name for p in (b / "checkpoints").iterdir() if p.name.startswith("step-")]
     assert f"step-{steps:06d}" not in done, "killed too late to test anything"
 
+    # Debris of a save interrupted at another moment is ignored, then cleaned up.
+    debris = b / "checkpoints" / ".tmp-step-000003-12345"
+    (debris / "student").mkdir(parents=True)
+    (debris / "student" / "model.safetensors").write_bytes(b"partial")
     res = _cli(*args, "--output-dir", str(b), "--resume", "auto")
     assert res.returncode == 0, res.stderr
     wa, wb = _weights(tmp_path / "a", steps), _weights(b, steps)
@@ -126,7 +130,7 @@ def test_sigkill_and_resume_gives_the_same_weights(tmp_path):
     la, lb = read_metrics(tmp_path / "a"), read_metrics(b)
     assert [r["step"] for r in lb] == list(range(1, steps + 1))
     assert [r["loss"] for r in la] == [r["loss"] for r in lb]
-    # keep_last=2
+    # keep_last=2, and no debris left
     assert sorted(p.name for p in (b / "checkpoints").iterdir()) == [f"step-{steps - 1:06d}", f"step-{steps:06d}"]
 
     # Resuming with a config that changes the training is refused with a clear message.
