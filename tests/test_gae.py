@@ -194,6 +194,16 @@ def test_numpy_in_numpy_out_and_dtypes():
         assert isinstance(a3, torch.Tensor) and a3.dtype == torch.float32
 
 
+def test_public_signature():
+    import inspect
+
+    params = inspect.signature(compute_gae).parameters
+    assert [n for n, p in params.items() if p.kind is p.POSITIONAL_OR_KEYWORD] == [
+        "rewards", "values", "cu_seqlens", "action_mask"]
+    assert {n: p.default for n, p in params.items() if p.kind is p.KEYWORD_ONLY} == dict(
+        gamma=1.0, lam=0.95, bootstrap_values=None, backend="auto")
+
+
 def test_outputs_do_not_require_grad():
     v = torch.randn(5, requires_grad=True)
     a, ret = compute_gae(torch.zeros(5), v, torch.tensor([0, 5]), torch.ones(5, dtype=torch.bool), backend="torch")

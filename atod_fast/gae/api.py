@@ -112,8 +112,10 @@ def compute_gae(
         gamma: discount γ in [0, 1].
         lam: GAE λ in [0, 1].
         bootstrap_values: ``[B]`` optional values after the last token of truncated episodes.
-        backend: ``"auto"`` (``"cpp"`` for CPU inputs, ``"triton"`` for CUDA), ``"cpp"``,
-            ``"triton"`` or ``"torch"`` (vectorized pure PyTorch; CPU or CUDA).
+        backend: ``"auto"`` (``"cpp"`` for CPU inputs, ``"triton"`` for CUDA), ``"cpp"``
+            (C++ extension, ``torch.get_num_threads()`` threads), ``"triton"`` or ``"torch"``
+            (vectorized pure PyTorch; CPU or CUDA). Without the extension, or with
+            ``ATOD_FAST_NO_EXT=1``, ``"auto"`` uses ``"torch"`` on the CPU (one warning).
 
     Inputs are all torch tensors (CPU or CUDA) or all numpy arrays; ``cu_seqlens`` and
     ``bootstrap_values`` may also be sequences. Gradients never flow through the outputs.
