@@ -56,9 +56,13 @@ def _atod_rows_kernel(
     TEACHER: tl.constexpr, DIV: tl.constexpr, HAS_REF: tl.constexpr, HAS_DUAL: tl.constexpr,
     WRITE_GRAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    # Pass 1, online over vocab tiles (m = running max, l = Σ e^(z−m), rescaled when m grows):
-    #   lse_s, lse_t, E_ps[z_s] (entropy H = lse_s − E_ps[z_s]), z_s[target],
-    #   reverse KL: E_ps[z_s − z_t] − lse_s + lse_t;  forward KL: E_pt[z_t − z_s] − lse_t + lse_s.
+    # Pass 1, online over vocab tiles: m = running max, l = Σ e^(z−m); sums kept relative to the running
+    # max so that nothing cancels at the scale of the logits (peaked policies have H ≈ 0 at lse ≈ 100):
+    #   b = Σ e^(z_s−m_s)(m_s − z_s) ≥ 0, so H = log l_s + b / l_s;
+    #   reverse KL: x = Σ e^(z_s−m_s)((z_s−m_s) − (z_t−m_t)), D = x / l_s − log l_s + log l_t;
+    #   forward KL: x = Σ e^(z_t−m_t)((z_t−m_t) − (z_s−m_s)), D = x / l_t − log l_t + log l_s.
+    # When the maxima grow by (Δ_s, Δ_t) old terms shift: l ← l·e^(−Δ), b ← e^(−Δ_s)(b + Δ_s·l_s),
+    # x_rev ← e^(−Δ_s)(x − (Δ_s − Δ_t)·l_s), x_fwd ← e^(−Δ_t)(x − (Δ_t − Δ_s)·l_t).
     # Pass 2 (JSD only): KL(p_t‖m), KL(p_s‖m) with log m = logaddexp(log(1−β) + log p_s, log β + log p_t).
     # Last pass writes dℓ/dz_s · scale, scale = 1 / (normalizer · T):
     #   dℓ/dz_j = −c_lp·p_j + c_ent·p_j(log p_j + H) + c_lp·[j = target] + λ·dD/dz_j with dD/dz_j =
@@ -73,10 +77,10 @@ def _atod_rows_kernel(
 
     m_s = tl.full((BLOCK_R,), neg_inf, tl.float32)
     l_s = tl.zeros((BLOCK_R,), tl.float32)
-    a_s = tl.zeros((BLOCK_R,), tl.float32)
+    b_s = tl.zeros((BLOCK_R,), tl.float32)
     m_t = tl.full((BLOCK_R,), neg_inf, tl.float32)
     l_t = tl.zeros((BLOCK_R,), tl.float32)
-    a_x = tl.zeros((BLOCK_R,), tl.float32)
+    x = tl.zeros((BLOCK_R,), tl.float32)
     z_tgt = tl.zeros((BLOCK_R,), tl.float32)
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + cols0
@@ -84,40 +88,44 @@ def _atod_rows_kernel(
         zs = tl.load(zs_ptr + rows[:, None] * stride_zs + cols[None, :], mask=valid, other=neg_inf) * inv_t
         zs = tl.where(rmask[:, None], zs, 0.0)  # padding rows stay finite
         zs0 = tl.where(valid, zs, 0.0)  # finite copy for products (e = 0 where zs = -inf)
-        m_new = tl.maximum(m_s, tl.max(zs, axis=1))
-        alpha = tl.exp(m_s - m_new)
-        e_s = tl.exp(zs - m_new[:, None])
-        l_s = l_s * alpha + tl.sum(e_s, axis=1)
-        a_s = a_s * alpha + tl.sum(e_s * zs0, axis=1)
+        ms_new = tl.maximum(m_s, tl.max(zs, axis=1))
+        d_s = tl.where(l_s > 0, ms_new - m_s, 0.0)
+        alpha = tl.exp(m_s - ms_new)
+        e_s = tl.exp(zs - ms_new[:, None])
+        b_s = alpha * (b_s + d_s * l_s) + tl.sum(e_s * (ms_new[:, None] - zs0), axis=1)
         z_tgt += tl.sum(tl.where(cols[None, :] == tgt[:, None], zs0, 0.0), axis=1)
         if TEACHER == 1:
             zt = tl.load(zt_ptr + rows[:, None] * stride_zt + cols[None, :], mask=valid, other=neg_inf) * inv_t
             zt = tl.where(rmask[:, None], zt, 0.0)
             zt0 = tl.where(valid, zt, 0.0)
-            if DIV == 0:
-                a_x = a_x * alpha + tl.sum(e_s * (zs0 - zt0), axis=1)
             mt_new = tl.maximum(m_t, tl.max(zt, axis=1))
+            d_t = tl.where(l_t > 0, mt_new - m_t, 0.0)
             alpha_t = tl.exp(m_t - mt_new)
             e_t = tl.exp(zt - mt_new[:, None])
-            l_t = l_t * alpha_t + tl.sum(e_t, axis=1)
+            gap = (zs0 - ms_new[:, None]) - (zt0 - mt_new[:, None])
+            if DIV == 0:
+                x = alpha * (x - (d_s - d_t) * l_s) + tl.sum(e_s * gap, axis=1)
             if DIV == 1:
-                a_x = a_x * alpha_t + tl.sum(e_t * (zt0 - zs0), axis=1)
+                x = alpha_t * (x - (d_t - d_s) * l_t) - tl.sum(e_t * gap, axis=1)
+            l_t = l_t * alpha_t + tl.sum(e_t, axis=1)
             m_t = mt_new
-        m_s = m_new
+        l_s = l_s * alpha + tl.sum(e_s, axis=1)
+        m_s = ms_new
 
-    lse_s = m_s + tl.log(l_s)
-    ent = lse_s - a_s / l_s
-    logprob = z_tgt - lse_s
+    log_ls = tl.log(l_s)
+    lse_s = m_s + log_ls
+    ent = log_ls + b_s / l_s
+    logprob = (z_tgt - m_s) - log_ls
     distill = tl.zeros((BLOCK_R,), tl.float32)
     kl_sm = tl.zeros((BLOCK_R,), tl.float32)
-    lse_t = lse_s
+    m_t = tl.where(l_t > 0, m_t, 0.0)
+    log_lt = tl.log(tl.maximum(l_t, 1e-30))
     s_hat = tl.zeros((BLOCK_R,), tl.float32)
     if TEACHER == 1:
-        lse_t = m_t + tl.log(l_t)
         if DIV == 0:
-            distill = a_x / l_s - lse_s + lse_t
+            distill = x / l_s - log_ls + log_lt
         elif DIV == 1:
-            distill = a_x / l_t - lse_t + lse_s
+            distill = x / l_t - log_lt + log_ls
         else:
             kl_tm = tl.zeros((BLOCK_R,), tl.float32)
             for v0 in range(0, V, BLOCK_V):
@@ -125,8 +133,8 @@ def _atod_rows_kernel(
                 valid = rmask[:, None] & (cols < V)[None, :]
                 lps = tl.load(zs_ptr + rows[:, None] * stride_zs + cols[None, :], mask=valid, other=0.0) * inv_t
                 lpt = tl.load(zt_ptr + rows[:, None] * stride_zt + cols[None, :], mask=valid, other=0.0) * inv_t
-                lps = lps - lse_s[:, None]
-                lpt = lpt - lse_t[:, None]
+                lps = (lps - m_s[:, None]) - log_ls[:, None]
+                lpt = (lpt - m_t[:, None]) - log_lt[:, None]
                 a = log_1mbeta + lps
                 b = log_beta + lpt
                 mx = tl.maximum(a, b)
@@ -162,13 +170,13 @@ def _atod_rows_kernel(
             cols = v0 + cols0
             valid = rmask[:, None] & (cols < V)[None, :]
             zs = tl.load(zs_ptr + rows[:, None] * stride_zs + cols[None, :], mask=valid, other=0.0) * inv_t
-            lps = zs - lse_s[:, None]
+            lps = (zs - m_s[:, None]) - log_ls[:, None]
             p = tl.exp(lps)
             dz = p * (ent_coef * (lps + ent[:, None]) - c_lp[:, None])
             dz += tl.where(cols[None, :] == tgt[:, None], c_lp[:, None], 0.0)
             if TEACHER == 1:
                 zt = tl.load(zt_ptr + rows[:, None] * stride_zt + cols[None, :], mask=valid, other=0.0) * inv_t
-                lpt = zt - lse_t[:, None]
+                lpt = (zt - m_t[:, None]) - log_lt[:, None]
                 if DIV == 0:
                     dd = p * (lps - lpt - distill[:, None])
                 elif DIV == 1:
