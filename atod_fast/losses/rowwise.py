@@ -14,7 +14,7 @@ import torch
 
 OUT_FIELDS = ("loss", "logprobs", "entropy", "distill", "pg", "kl", "clipped")
 
-# Full-width [R, V] temporaries alive at once below (zs, zt, log p_s, p_s, log p_t, two more).
+# Full-width [R, V] buffers alive at once below (zs, zt, log p_s, p_s, log p_t, p_t, log m).
 TORCH_ROW_BUFFERS = 7
 
 
@@ -46,35 +46,47 @@ def ppo_rows(logprob, old, adv, lam, ref, distill, ent, *, clip_eps_low, clip_ep
     return loss, pg, kl, clipped, c_lp
 
 
+def rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Σ_j a_ij b_ij without an [R, V] temporary. [R, V] x2 -> [R]"""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
 def torch_rows(zs, zt, tgt, old, adv, lam, ref, sparse_sums, scale, *, teacher, divergence, jsd_beta, temperature,
                clip_eps_low, clip_eps_high, dual_clip, kl_coef, entropy_coef, write_grad):
     """Per-row ATOD terms of a chunk; with ``write_grad`` overwrite ``zs`` with d(loss)/d(zs).
 
-    zs, zt ``[R, V]`` raw logits; per-row inputs ``[R]``; sparse_sums ``[R, 3]`` holding
-    (Σ p̂ log p̂, Σ p̂ z_s[id], Σ p̂); scale ``[1]`` = 1 / (normalizer · T). -> ``[7, R]``
+    zs, zt ``[R, V]`` raw logits (both owned by the caller's chunk loop: they are overwritten);
+    per-row inputs ``[R]``; sparse_sums ``[R, 3]`` holding (Σ p̂ log p̂, Σ p̂ z_s[id], Σ p̂);
+    scale ``[1]`` = 1 / (normalizer · T). -> ``[7, R]``
+
+    The gradient is assembled in place in the buffers that are no longer needed: on the CPU
+    every fresh [R, V] allocation costs page faults, not just bandwidth.
     """
     inv_t = 1.0 / temperature
     lps = torch.log_softmax(zs * inv_t if temperature != 1.0 else zs, dim=-1)
     p = lps.exp()
-    ent = -(p * lps).sum(-1)
+    ent = -rowdot(p, lps)
     logprob = lps.gather(1, tgt[:, None]).squeeze(1)
-    lse_s = None
-    kl_sm = None
-    lpt = None
+    gap = pt = kl_sm = None
     if teacher == "dense":
-        lpt = torch.log_softmax(zt * inv_t, dim=-1)
+        # Differences are formed elementwise before any sum (Σ p·log p − Σ p·log q cancels badly).
+        lpt = torch.log_softmax(zt * inv_t if temperature != 1.0 else zt, dim=-1)
         if divergence == "reverse_kl":
-            distill = (p * (lps - lpt)).sum(-1)
+            gap = lpt.neg_().add_(lps)  # log p − log q, in lpt's buffer
+            distill = rowdot(p, gap)
         elif divergence == "forward_kl":
-            distill = (lpt.exp() * (lpt - lps)).sum(-1)
+            pt = lpt.exp()
+            distill = rowdot(pt, lpt.sub_(lps))
         else:
+            pt = lpt.exp()
             logm = torch.logaddexp(lps + math.log1p(-jsd_beta), lpt + math.log(jsd_beta))
-            kl_tm = (lpt.exp() * (lpt - logm)).sum(-1)
-            kl_sm = (p * (lps - logm)).sum(-1)
+            kl_tm = rowdot(pt, lpt.sub_(logm))
+            gap = logm.neg_().add_(lps)  # log p − log m, in logm's buffer
+            kl_sm = rowdot(p, gap)
             distill = jsd_beta * kl_tm + (1.0 - jsd_beta) * kl_sm
     elif teacher == "sparse":
-        lse_s = zs[:, :1] * inv_t - lps[:, :1]
-        distill = sparse_sums[:, 0] - sparse_sums[:, 1] + sparse_sums[:, 2] * lse_s.squeeze(1)
+        lse_s = zs[:, 0] * inv_t - lps[:, 0]
+        distill = sparse_sums[:, 0] - sparse_sums[:, 1] + sparse_sums[:, 2] * lse_s
     else:
         distill = torch.zeros_like(ent)
 
@@ -82,19 +94,21 @@ def torch_rows(zs, zt, tgt, old, adv, lam, ref, sparse_sums, scale, *, teacher, 
         logprob, old, adv, lam, ref, distill, ent, clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high,
         dual_clip=dual_clip, kl_coef=kl_coef, entropy_coef=entropy_coef)
     out = torch.stack([loss, logprob, ent, distill, pg, kl, clipped.to(loss.dtype)])
+    if not write_grad:
+        return out
 
-    if write_grad:
-        dz = p * (entropy_coef * (lps + ent[:, None]) - c_lp[:, None])
-        if teacher == "dense":
-            if divergence == "reverse_kl":
-                dd = p * (lps - lpt - distill[:, None])
-            elif divergence == "forward_kl":
-                dd = p - lpt.exp()
-            else:
-                dd = (1.0 - jsd_beta) * p * (lps - logm - kl_sm[:, None])
-            dz += lam[:, None] * dd
-        elif teacher == "sparse":
-            dz += (lam * sparse_sums[:, 2])[:, None] * p
-        dz.scatter_add_(1, tgt[:, None], c_lp[:, None])
-        torch.mul(dz, scale.to(dz.dtype), out=zs)
+    # dz = p·(c_ent·(log p + H) − c_lp) + c_lp·[target] + λ·dD/dz, written into zs.
+    dz = torch.add(lps, ent[:, None], out=zs).mul_(entropy_coef).sub_(c_lp[:, None]).mul_(p)
+    col = lam[:, None]
+    if teacher == "dense":
+        if divergence == "reverse_kl":  # p (log p − log q − D)
+            dz.add_(gap.sub_(distill[:, None]).mul_(p).mul_(col))
+        elif divergence == "forward_kl":  # p − q
+            dz.add_(pt.neg_().add_(p).mul_(col))
+        else:  # (1 − β) p (log p − log m − KL(p‖m))
+            dz.add_(gap.sub_(kl_sm[:, None]).mul_(p).mul_(col * (1.0 - jsd_beta)))
+    elif teacher == "sparse":
+        dz.addcmul_(p, (lam * sparse_sums[:, 2])[:, None])
+    dz.scatter_add_(1, tgt[:, None], c_lp[:, None])
+    dz.mul_(scale.to(dz.dtype))
     return out
