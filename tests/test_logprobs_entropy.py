@@ -6,7 +6,7 @@ import torch
 from atod_fast import fused_logprobs_entropy
 from atod_fast.losses import chunked
 
-BACKENDS = ["torch", "triton"]
+BACKENDS = ["torch", "triton", "triton_fused"]
 
 
 def case(n, h, v, dtype=torch.float32, seed=0, scale=1.0):

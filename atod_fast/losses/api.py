@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .chunked import atod_loss_chunked
+from .fused import atod_loss_fused
 from .inputs import validate
 from .reference import atod_loss_reference
 
@@ -16,6 +17,7 @@ _IMPLS = {
     "reference": atod_loss_reference,
     "torch": lambda x: atod_loss_chunked(x, "torch"),
     "triton": lambda x: atod_loss_chunked(x, "triton"),
+    "triton_fused": atod_loss_fused,
 }
 BACKENDS = ("auto", *_IMPLS)
 

@@ -12,7 +12,7 @@ import torch
 
 from .chunked import Head, choose_chunk_size, mm_acc
 
-LPE_BACKENDS = ("auto", "reference", "torch", "triton")
+LPE_BACKENDS = ("auto", "reference", "torch", "triton", "triton_fused")
 
 
 def _torch_forward(z, tgt, temperature):
@@ -79,6 +79,41 @@ class _ChunkedLogprobsEntropy(torch.autograd.Function):
         return cast(gh, hidden), cast(gw, weight), cast(gb, bias) if bias is not None else None, None, None, None
 
 
+class _FusedLogprobsEntropy(torch.autograd.Function):
+    """``triton_fused``: the ATOD fused kernels with no teacher; c_lp and the entropy weight per row."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target_ids, temperature):
+        from atod_fast.kernels.atod_loss_fused import fused_stats
+
+        from .fused import operands
+
+        hs, ws, bs = operands(weight, bias, hidden.detach(), weight.shape[0])
+        stats = fused_stats(hs, ws, bs, None, None, None, target_ids, None, None, teacher="none",
+                            divergence="reverse_kl", jsd_beta=0.5, temperature=temperature)
+        ctx.save_for_backward(hs, ws, bs, target_ids, stats)
+        ctx.temperature = temperature
+        ctx.meta = [None if t is None else (t.shape, t.dtype) for t in (hidden, weight, bias)]
+        return stats[3].clone(), stats[2].clone()
+
+    @staticmethod
+    def backward(ctx, g_lp, g_ent):
+        from atod_fast.kernels.atod_loss_fused import fused_grad
+
+        hs, ws, bs, tgt, stats = ctx.saved_tensors
+        n = hs.shape[0]
+        zeros = torch.zeros(n, dtype=torch.float32, device=hs.device)
+        c_lp = zeros if g_lp is None else g_lp.float().contiguous()
+        ent_coef = zeros if g_ent is None else -g_ent.float().contiguous()
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        scale = torch.full((1,), 1.0 / ctx.temperature, dtype=torch.float32, device=hs.device)
+        gh, gw, gb = fused_grad(hs, ws, bs, None, None, None, tgt, None, None, stats, c_lp, zeros, ent_coef, scale,
+                                teacher="none", divergence="reverse_kl", jsd_beta=0.5, temperature=ctx.temperature,
+                                need_h=need_h, need_w=need_w, need_b=need_b and bs is not None)
+        out = [None if g is None else g.to(m[1]) for g, m in zip((gh, gw, gb), ctx.meta, strict=True)]
+        return (*out, None, None)
+
+
 def fused_logprobs_entropy(hidden, weight, target_ids, *, bias=None, temperature=1.0, backend="auto"):
     """Log-prob of each target token and the entropy of each row's softmax, from hidden states.
 
@@ -93,7 +128,7 @@ def fused_logprobs_entropy(hidden, weight, target_ids, *, bias=None, temperature
         bias: optional ``[V]`` head bias.
         temperature: logits are divided by it (> 0).
         backend: ``"auto"`` (``"triton"`` on CUDA, else ``"torch"``), ``"reference"`` (full logits),
-            ``"torch"`` or ``"triton"``.
+            ``"torch"``, ``"triton"`` (chunked) or ``"triton_fused"`` (logits only in registers).
 
     Returns:
         ``(logprobs [N], entropy [N])``, float32 (float64 for float64 inputs on the torch backends).
@@ -131,6 +166,8 @@ def fused_logprobs_entropy(hidden, weight, target_ids, *, bias=None, temperature
             z = z + bias.to(dt)
         lp = torch.log_softmax(z / temperature, dim=-1)
         return lp.gather(1, target_ids[:, None]).squeeze(1), -(lp.exp() * lp).sum(-1)
-    if backend == "triton" and not triton_available():
-        raise ValueError("backend='triton' needs the triton package, which is not installed; use 'torch'")
+    if backend.startswith("triton") and not triton_available():
+        raise ValueError(f"backend={backend!r} needs the triton package, which is not installed; use 'torch'")
+    if backend == "triton_fused":
+        return _FusedLogprobsEntropy.apply(hidden, weight, bias, target_ids, float(temperature))
     return _ChunkedLogprobsEntropy.apply(hidden, weight, bias, target_ids, float(temperature), backend)
