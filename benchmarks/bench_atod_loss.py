@@ -209,6 +209,8 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=None, help="timed steps (default 10 GPU, 3 CPU)")
     ap.add_argument("--shapes", default=None, help="N,H,Ht,V;N,H,Ht,V;... (default: by device)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--merge", action="store_true",
+                    help="keep rows of an existing results file that this run did not measure (split long GPU runs)")
     args = ap.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -259,16 +261,22 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     slug = device_slug(device)
+    path = out / f"atod_loss_{slug}.json"
+    if args.merge and path.exists():
+        key = lambda r: (r["N"], r["H"], r["Ht"], r["V"], r["config"], r["provider"], r.get("mode"))  # noqa: E731
+        done = {key(r) for r in rows}
+        rows = [r for r in json.loads(path.read_text())["results"] if key(r) not in done] + rows
     meta = dict(device=slug, torch=torch.__version__, dtype=str(dtype), reps=reps, matmul_bf16_tflops=mm_bf16,
                 matmul_input_dtype_tflops=mm_dtype,
                 memory="CUDA max_memory_allocated" if gpu else
                 "peak RSS above the RSS at the start of the timed reps (VmHWM reset), MALLOC_MMAP_THRESHOLD_=65536",
                 host_load_at_end=os.getloadavg() if hasattr(os, "getloadavg") else None,
                 skipped={f"{p}/{c}": why for (p, c), why in notes.items()})
-    (out / f"atod_loss_{slug}.json").write_text(json.dumps(dict(meta=meta, results=rows), indent=1))
+    path.write_text(json.dumps(dict(meta=meta, results=rows), indent=1))
     lines = [f"# atod_loss benchmark on {slug} ({dtype}, median of {reps})", "",
              f"Measured matmul: bf16 {mm_bf16:.3f} TFLOP/s, {dtype} {mm_dtype:.3f} TFLOP/s. "
-             "FLOPs counted: 6·N·H·V + 2·N·Ht·V. Peak memory: " + meta["memory"] + ".", "",
+             "FLOPs counted: 6·N·H·V + 2·N·Ht·V. Peak memory: " + meta["memory"] + ". "
+             f"Host load average at the end: {meta['host_load_at_end']}.", "",
              "| N×H×Ht×V | config | provider | mode | median ms | peak MiB | TFLOP/s | % bf16 mm | % input-dtype mm |",
              "|---|---|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:

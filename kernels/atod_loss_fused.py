@@ -182,7 +182,7 @@ def _config(device, h, ht):
 
 def _precision(hs):
     # float32 inputs get exact float32 products (no TF32); half inputs use the tensor cores as they are.
-    return "ieee" if hs.dtype == torch.float32 else "tf32"
+    return "ieee" if hs.dtype == torch.float32 else None
 
 
 def _common(hs, ws, bs, ht, wt, bt, tgt, ids, phat, teacher):

@@ -241,3 +241,22 @@ def test_never_allocates_n_by_v(backend):
     # float32 head gradient V×H, a chunk of logits chunk×V (chunked backends); never N×V.
     allowed = 4 * max(v * h, chunk * v if backend != "triton_fused" else 0)
     assert seen.largest <= allowed < 4 * n * v, f"{backend}: a {seen.largest}-byte tensor (N×V: {4 * n * v} bytes)"
+
+
+@pytest.mark.parametrize("backend", [b for b in FUSED if b != "torch"])
+def test_float64_inputs_run_in_float32(backend):
+    kw = make_case(dtype=torch.float64, seed=37)
+    ref = run(kw, "reference", divergence="forward_kl", kl_coef=0.1)
+    tri = run(kw, backend, divergence="forward_kl", kl_coef=0.1, chunk_size=16)
+    assert all(g.dtype == torch.float64 for g in tri[1].values())
+    assert_close(tri, ref, 1e-5)  # float32 outputs, within float32 accuracy of the float64 definition
+
+
+def test_backward_twice_with_retained_graph():
+    kw = make_case(seed=41)
+    kw = {k: t.requires_grad_(True) if k in PARAMS else t for k, t in kw.items()}
+    out = atod_loss(**kw, backend="torch", chunk_size=16)
+    out.loss.backward(retain_graph=True)
+    first = kw["student_weight"].grad.clone()
+    out.loss.backward()
+    assert torch.allclose(kw["student_weight"].grad, 2 * first, rtol=1e-6, atol=0)

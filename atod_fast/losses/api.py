@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -58,9 +58,14 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+@functools.cache
 def triton_available() -> bool:
-    """Whether Triton can be imported here (Linux x86-64 wheels; absent on macOS)."""
-    return importlib.util.find_spec("triton") is not None
+    """Whether Triton imports here (Linux x86-64 wheels; absent on macOS). Imported only when asked."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def atod_loss(

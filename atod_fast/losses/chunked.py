@@ -70,6 +70,14 @@ def choose_chunk_size(n_rows: int, vocab: int, *, row_buffers: int, device: torc
     return max(1, min(c, n_rows))
 
 
+def scaled_copy(dst: torch.Tensor, src: torch.Tensor, g: torch.Tensor, block_bytes: int = 64 << 20) -> None:
+    """``dst[:len(src)] = src · g`` in blocks of rows, so the float32 product never needs a second
+    [V, H] buffer (2.5 GB at V = 152k, H = 4096); ``src`` stays intact for a repeated backward."""
+    rows = max(1, block_bytes // max(1, src[0].numel() * src.element_size())) if src.numel() else 1
+    for i in range(0, src.shape[0], rows):
+        dst[i:i + rows] = src[i:i + rows] * g
+
+
 def _rows_fn(kind: str):
     if kind == "torch":
         return torch_rows, TORCH_ROW_BUFFERS
@@ -166,7 +174,7 @@ class _ChunkedAtodLoss(torch.autograd.Function):
             gh.index_copy_(0, idx, (grad_h * g).to(h_dt))
         if grad_w is not None:
             gw = torch.zeros(w_shape, dtype=w_dt, device=g.device)
-            gw[: grad_w.shape[0]] = grad_w * g
+            scaled_copy(gw, grad_w, g)
         if grad_b is not None:
             gb = torch.zeros(b_meta[0], dtype=b_meta[1], device=g.device)
             gb[: grad_b.shape[0]] = grad_b * g

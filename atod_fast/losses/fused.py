@@ -106,7 +106,7 @@ class _FusedAtodLoss(torch.autograd.Function):
             grad_h.index_copy_(0, idx, gh.to(h_dt))
         if gw is not None:
             grad_w = torch.zeros(w_shape, dtype=w_dt, device=g.device)
-            grad_w[: gw.shape[0]] = gw
+            grad_w[: gw.shape[0]] = gw  # g is already inside the kernel's scale
         if gb is not None:
             grad_b = torch.zeros(b_meta[0], dtype=b_meta[1], device=g.device)
             grad_b[: gb.shape[0]] = gb
