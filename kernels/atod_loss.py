@@ -65,6 +65,7 @@ def _atod_rows_kernel(
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < R
+    rows = rows.to(tl.int64)  # row · stride passes 2^31 for large chunks
     cols0 = tl.arange(0, BLOCK_V)
     neg_inf = float("-inf")
     tgt = tl.load(tgt_ptr + rows, mask=rmask, other=0)

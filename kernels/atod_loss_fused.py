@@ -32,6 +32,8 @@ def _logits_tile(h_ptr, s_hn, s_hk, w_ptr, s_wv, s_wk, b_ptr, rows, cols, rmask,
                  HAS_BIAS: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                  BLOCK_K: tl.constexpr):
     # z[rows, cols] = (h[rows] · W[cols]ᵀ + b[cols]) / T, float32 accumulation over K.
+    rows = rows.to(tl.int64)  # V·H passes 2^31 for the largest heads
+    cols = cols.to(tl.int64)
     acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -159,6 +161,8 @@ def _fused_grad_kernel(
     if NEED_B:
         tl.atomic_add(gb_ptr + cols, tl.sum(dz, axis=0), mask=cmask)
     dz_op = dz.to(ws_ptr.dtype.element_ty)  # matmul operand in the weights' dtype, float32 accumulation
+    rows = rows.to(tl.int64)  # V·H passes 2^31 for the largest heads
+    cols = cols.to(tl.int64)
     for k0 in range(0, H, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         kmask = ks < H

@@ -260,3 +260,13 @@ def test_backward_twice_with_retained_graph():
     first = kw["student_weight"].grad.clone()
     out.loss.backward()
     assert torch.allclose(kw["student_weight"].grad, 2 * first, rtol=1e-6, atol=0)
+
+
+def test_scaled_copy_in_row_blocks():
+    from atod_fast.losses.chunked import scaled_copy
+
+    src = torch.randn(37, 5)
+    dst = torch.full((40, 5), float("nan"), dtype=torch.bfloat16)
+    dst[37:] = 0
+    scaled_copy(dst, src, torch.tensor(1.5), block_bytes=3 * 5 * 4)  # 3 rows per block: 13 blocks
+    assert torch.equal(dst[:37], (src * 1.5).bfloat16()) and (dst[37:] == 0).all()

@@ -57,16 +57,17 @@ class Head:
         return z
 
 
-def choose_chunk_size(n_rows: int, vocab: int, *, row_buffers: int, device: torch.device) -> int:
-    """Rows per chunk so that ``row_buffers`` float32 ``[C, vocab]`` buffers fit the budget."""
+def choose_chunk_size(n_rows: int, vocab: int, hidden: int, *, row_buffers: int, device: torch.device) -> int:
+    """Rows per chunk: ``row_buffers`` float32 ``[C, vocab]`` buffers plus the chunk's ``[C, hidden]``
+    rows (hidden = H + Ht) within the budget, rounded to whole 64-row matmul tiles when possible."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         budget = min(max(free // 4, GPU_BUDGET_BYTES[0]), GPU_BUDGET_BYTES[1])
     else:
         budget = CPU_BUDGET_BYTES
-    c = max(1, budget // (4 * vocab * row_buffers))
+    c = max(1, budget // (4 * (vocab * row_buffers + 2 * hidden)))
     if c >= 64:
-        c = c // 64 * 64  # whole tiles for the matmuls
+        c = c // 64 * 64
     return max(1, min(c, n_rows))
 
 
@@ -75,7 +76,8 @@ def scaled_copy(dst: torch.Tensor, src: torch.Tensor, g: torch.Tensor, block_byt
     [V, H] buffer (2.5 GB at V = 152k, H = 4096); ``src`` stays intact for a repeated backward."""
     rows = max(1, block_bytes // max(1, src[0].numel() * src.element_size())) if src.numel() else 1
     for i in range(0, src.shape[0], rows):
-        dst[i:i + rows] = src[i:i + rows] * g
+        j = min(i + rows, src.shape[0])
+        dst[i:j] = src[i:j] * g
 
 
 def _rows_fn(kind: str):
@@ -127,7 +129,8 @@ class _ChunkedAtodLoss(torch.autograd.Function):
             p_hat = torch.where(pos, p_hat, torch.zeros_like(p_hat))
             plogp = torch.where(pos, p_hat * lp_hat, torch.zeros_like(p_hat))
 
-        chunk = x.chunk_size or choose_chunk_size(n_live, vocab, row_buffers=row_buffers, device=dev)
+        hid = hdim + (0 if ht is None else ht.shape[1])
+        chunk = x.chunk_size or choose_chunk_size(n_live, vocab, hid, row_buffers=row_buffers, device=dev)
         for s in range(0, n_live, chunk):
             e = min(s + chunk, n_live)
             hc = h_live[s:e]

@@ -45,7 +45,7 @@ class _ChunkedLogprobsEntropy(torch.autograd.Function):
         dt = torch.float64 if (kind == "torch" and hidden.dtype == torch.float64) else torch.float32
         head = Head(weight, bias, weight.shape[0], dt)
         n = hidden.shape[0]
-        chunk = choose_chunk_size(n, weight.shape[0], row_buffers=buffers, device=hidden.device)
+        chunk = choose_chunk_size(n, weight.shape[0], hidden.shape[1], row_buffers=buffers, device=hidden.device)
         out = torch.empty(3, n, dtype=dt, device=hidden.device)
         for s in range(0, n, chunk):
             out[:, s:s + chunk] = fwd(head.logits(hidden[s:s + chunk]), target_ids[s:s + chunk], temperature)
