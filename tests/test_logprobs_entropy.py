@@ -7,6 +7,7 @@ from atod_fast import fused_logprobs_entropy
 from atod_fast.losses import chunked
 
 BACKENDS = ["torch", "triton", "triton_fused"]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # compiled kernels on a GPU machine
 
 
 def case(n, h, v, dtype=torch.float32, seed=0, scale=1.0):
@@ -16,7 +17,7 @@ def case(n, h, v, dtype=torch.float32, seed=0, scale=1.0):
     bias = (torch.randn(v, generator=g, dtype=torch.float64) * 0.1).to(dtype)
     target = torch.randint(0, v, (n,), generator=g)
     g_lp, g_ent = torch.randn(n, generator=g), torch.randn(n, generator=g)
-    return hidden, weight, bias, target, g_lp, g_ent
+    return tuple(t.to(DEVICE) for t in (hidden, weight, bias, target, g_lp, g_ent))
 
 
 def run(hidden, weight, bias, target, g_lp, g_ent, backend, temperature=1.0):
@@ -33,7 +34,9 @@ def rel_err(a, b):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(("n", "h", "v", "temperature"), [(37, 48, 1000, 1.0), (1, 16, 300, 0.6), (64, 32, 512, 1.3)])
 def test_matches_reference_fp32(backend, n, h, v, temperature, monkeypatch):
-    monkeypatch.setattr(chunked, "CPU_BUDGET_BYTES", 16 * 4 * v)  # a few rows per chunk: several chunks
+    budget = 16 * 4 * v  # about 16 rows per chunk: several chunks
+    monkeypatch.setattr(chunked, "CPU_BUDGET_BYTES", budget)
+    monkeypatch.setattr(chunked, "GPU_BUDGET_BYTES", (budget, budget))
     args = case(n, h, v, seed=n)
     ref = run(*args, "reference", temperature)
     tri = run(*args, backend, temperature)

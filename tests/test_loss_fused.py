@@ -4,10 +4,13 @@ import math
 
 import pytest
 import torch
-from loss_cases import make_case
+from loss_cases import make_case as _make_case
 
 from atod_fast import AtodLoss, atod_loss
 from atod_fast.losses.api import BACKENDS
+
+# Compiled kernels on a GPU machine, Triton's interpreter (conftest.py) elsewhere.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 FUSED = [b for b in ("torch", "triton", "triton_fused") if b in BACKENDS]
 FIELDS = ("logprobs", "entropy", "distill", "pg", "kl")
@@ -24,6 +27,10 @@ def nan_filled_buffers(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(empty_like(*a, **k)))
+
+
+def make_case(**kw):
+    return _make_case(device=DEVICE, **kw)
 
 
 def run(kw, backend, upstream=1.0, **hp):
@@ -134,7 +141,7 @@ def test_non_contiguous_inputs(backend):
     kw = make_case(seed=7)
     h = kw["student_hidden"].shape[1]
     kw["student_hidden"] = kw["student_hidden"].t().contiguous().t()  # column-major [N, H]
-    wide = torch.randn(kw["student_weight"].shape[0], h + 5)
+    wide = torch.randn(kw["student_weight"].shape[0], h + 5, device=DEVICE)
     wide[:, 2:h + 2] = kw["student_weight"]
     kw["student_weight"] = wide[:, 2:h + 2]  # row stride H + 5
     kw["teacher_hidden"] = torch.stack([kw["teacher_hidden"], kw["teacher_hidden"]], 2)[:, :, 1]
