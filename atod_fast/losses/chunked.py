@@ -152,13 +152,15 @@ class _ChunkedAtodLoss(torch.autograd.Function):
             dz = zs  # overwritten in place by the row function
             if x.teacher == "sparse":
                 dz.scatter_add_(1, ids[s:e], -(lam[s:e, None] * scale) * p_hat[s:e])
-            if grad_h is not None:
-                grad_h[s:e] = mm_acc(dz, student.w, dt)
-            if grad_w is not None:
-                grad_w += mm_acc(dz.t(), hc, dt)
             if grad_b is not None:
                 grad_b += dz.sum(0)
-            del zs, zt, dz
+            # Half-precision heads on CUDA: one rounded copy of dz feeds both tensor-core matmuls.
+            dz_op = dz.to(student.w.dtype) if student.w.dtype in HALF else dz
+            if grad_h is not None:
+                grad_h[s:e] = mm_acc(dz_op, student.w, dt)
+            if grad_w is not None:
+                grad_w += mm_acc(dz_op.t(), hc, dt)
+            del zs, zt, dz, dz_op
 
         loss = out[0].sum() / denom
         ctx.save_for_backward(idx, grad_h, grad_w, grad_b)
