@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from loss_cases import nan_filled_buffers  # noqa: F401  (autouse fixture)
 
 from atod_fast import fused_logprobs_entropy
 from atod_fast.losses import chunked

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 from loss_cases import make_case as _make_case
+from loss_cases import nan_filled_buffers  # noqa: F401  (autouse fixture)
 
 from atod_fast import AtodLoss, atod_loss
 from atod_fast.losses.api import BACKENDS
@@ -15,18 +16,6 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FUSED = [b for b in ("torch", "triton", "triton_fused") if b in BACKENDS]
 FIELDS = ("logprobs", "entropy", "distill", "pg", "kl")
 PARAMS = ("student_hidden", "student_weight", "student_bias")
-
-
-@pytest.fixture(autouse=True)
-def nan_filled_buffers(monkeypatch):
-    """Every float buffer from torch.empty starts as NaN, so an element a kernel forgets to write shows."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def fill(t):
-        return t.fill_(float("nan")) if t.dtype.is_floating_point else t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(empty_like(*a, **k)))
 
 
 def make_case(**kw):
