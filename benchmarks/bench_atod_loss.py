@@ -236,9 +236,12 @@ def main(argv=None):
                     continue
                 try:
                     res = measure(fn, kw, device, reps, warmup=1)
-                except (torch.cuda.OutOfMemoryError, MemoryError):
-                    rows.append(dict(N=n, H=h, Ht=ht, V=v, config=config, provider=prov, oom=True))
-                    print(f"{n}x{h}x{ht}x{v} {config:8s} {prov:18s} out of memory")
+                except Exception as e:  # one provider failing (OOM, compile error) must not end the run
+                    oom = isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)) or "out of memory" in str(e)
+                    why = "out of memory" if oom else f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                    rows.append(dict(N=n, H=h, Ht=ht, V=v, config=config, provider=prov, error=why))
+                    print(f"{n}x{h}x{ht}x{v} {config:8s} {prov:18s} failed: {why}")
+                    kw["student_hidden"].grad = kw["student_weight"].grad = None
                     if gpu:
                         torch.cuda.empty_cache()
                     continue
@@ -282,7 +285,7 @@ def main(argv=None):
     for r in rows:
         shape = f"{r['N']}×{r['H']}×{r['Ht']}×{r['V']}"
         lines.append(f"| {shape} | {r['config']} | {r['provider']} | {r.get('mode', '')} | "
-                     + ("OOM | | | | |" if r.get("oom") else
+                     + (f"{r['error']} | | | | |" if r.get("error") else
                         f"{r['median_ms']} | {r['peak_mib']} | {r.get('tflops', '')} | "
                         f"{r.get('pct_bf16_matmul', '')} | {r.get('pct_input_dtype_matmul', '')} |"))
     lines += ["", *[f"- skipped {p} ({c}): {why}" for (p, c), why in sorted(notes.items())]]
