@@ -2,8 +2,18 @@
 
 from ._version import __version__
 from .gae import compute_gae, group_advantages, masked_whiten, turn_rewards_to_tokens
-from .losses import AtodLossOutput, atod_loss
+from .losses import AtodLoss, AtodLossOutput, atod_loss, fused_logprobs_entropy
 from .schedule import AnnealSchedule
 
-__all__ = ["AnnealSchedule", "AtodLossOutput", "__version__", "atod_loss", "compute_gae", "group_advantages",
-           "masked_whiten", "turn_rewards_to_tokens"]
+__all__ = [
+    "AnnealSchedule",
+    "AtodLoss",
+    "AtodLossOutput",
+    "__version__",
+    "atod_loss",
+    "compute_gae",
+    "fused_logprobs_entropy",
+    "group_advantages",
+    "masked_whiten",
+    "turn_rewards_to_tokens",
+]

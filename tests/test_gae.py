@@ -31,11 +31,17 @@ def _triton_available():
 BACKENDS = [
     "torch",
     pytest.param("cpp", marks=pytest.mark.skipif(not _cpp_available(), reason="C++ extension not built/disabled")),
+    pytest.param("triton", marks=pytest.mark.skipif(not _triton_available(), reason="triton not installed")),
 ]
 
 
 def _device(backend):
     return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+
+
+def _interpreted(backend):
+    """The Triton interpreter scans element by element in Python: keep its shapes small."""
+    return backend == "triton" and _device(backend) == "cpu"
 
 
 def _run(backend, r, v, cu, m, **kw):
@@ -84,7 +90,7 @@ def test_matches_reference(backend, lengths, gamma, lam, bootstrap, sparse, seed
 def test_long_trajectories_match_reference(backend, gamma, lam):
     """Trajectories long enough for several blocks and levels of the blocked backends."""
     rng = np.random.default_rng(11)
-    lengths = [9000, 0, 130, 4500, 1]
+    lengths = [900, 0, 130, 450, 1] if _interpreted(backend) else [9000, 0, 130, 4500, 1]
     r, v, cu, m = random_batch(rng, lengths, sparse_rewards=False)
     boot = rng.standard_normal(len(lengths))
     ref_a, ref_r = gae_reference(r.tolist(), v.tolist(), cu.tolist(), m.tolist(), gamma=gamma, lam=lam,
@@ -134,7 +140,7 @@ def test_gamma_lambda_one_is_reward_to_go_minus_value(backend, bootstrap):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_long_trajectory_keeps_float32_rounding(backend):
     """32k tokens with γ = λ = 1: every output within 2 float32 ulps of the float64 answer."""
-    T = 32768
+    T = 2048 if _interpreted(backend) else 32768
     rng = np.random.default_rng(7)
     m = rng.random(T) < 0.5
     r = np.where(m, rng.standard_normal(T), 0.0).astype(np.float32)
@@ -188,6 +194,16 @@ def test_numpy_in_numpy_out_and_dtypes():
         assert isinstance(a3, torch.Tensor) and a3.dtype == torch.float32
 
 
+def test_public_signature():
+    import inspect
+
+    params = inspect.signature(compute_gae).parameters
+    assert [n for n, p in params.items() if p.kind is p.POSITIONAL_OR_KEYWORD] == [
+        "rewards", "values", "cu_seqlens", "action_mask"]
+    assert {n: p.default for n, p in params.items() if p.kind is p.KEYWORD_ONLY} == dict(
+        gamma=1.0, lam=0.95, bootstrap_values=None, backend="auto")
+
+
 def test_outputs_do_not_require_grad():
     v = torch.randn(5, requires_grad=True)
     a, ret = compute_gae(torch.zeros(5), v, torch.tensor([0, 5]), torch.ones(5, dtype=torch.bool), backend="torch")
@@ -212,6 +228,7 @@ def test_reward_on_observation_token_is_an_error(backend):
         _run(backend, r.numpy(), v.numpy(), cu.numpy(), m.numpy())
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered")  # numpy, inside the Triton interpreter
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", ["rewards", "values"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -255,7 +272,7 @@ def test_argument_errors(change, match):
         compute_gae(*args, **kw)
 
 
-def _test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     r, v, cu, m = _good()
     with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):

@@ -11,7 +11,7 @@ from .. import _native
 from .inputs import GaeInputs, check_token_values, validate
 from .torch_impl import gae_torch
 
-BACKENDS = ("auto", "cpp", "torch")
+BACKENDS = ("auto", "cpp", "triton", "torch")
 _EXT = "_gae_cpp"
 
 
@@ -44,10 +44,17 @@ def _gae_triton(x: GaeInputs) -> tuple[torch.Tensor, torch.Tensor]:
                          "(CPU tensors run only under TRITON_INTERPRET=1, for testing)")
     from ..kernels.gae import gae_triton
 
-    return gae_triton(x)
+    # the interpreter runs each block in numpy: small blocks keep CPU tests fast
+    block = 512 if x.rewards.device.type == "cuda" else 64
+    adv, ret, bad = gae_triton(x.rewards, x.values, x.action_mask, x.cu_seqlens, x.bootstrap, x.gamma, x.lam,
+                               block=block)
+    if bool(bad.any()):  # the one host sync of this backend
+        check_token_values(x)
+        raise AssertionError("the GAE kernel flagged a bad token but the values check found none")
+    return adv, ret
 
 
-_IMPLS = {"cpp": _gae_cpp, "torch": gae_torch}
+_IMPLS = {"cpp": _gae_cpp, "triton": _gae_triton, "torch": gae_torch}
 
 
 def _triton_available() -> bool:
@@ -64,7 +71,7 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     if backend != "auto":
         return backend
     if device.type == "cuda":
-        return "torch"
+        return "triton" if _triton_available() else "torch"
     ext, why = _native.load(_EXT)
     if ext is None:
         _native.warn_fallback_once(_EXT, why, "GAE (backend='torch')")
@@ -105,8 +112,10 @@ def compute_gae(
         gamma: discount γ in [0, 1].
         lam: GAE λ in [0, 1].
         bootstrap_values: ``[B]`` optional values after the last token of truncated episodes.
-        backend: ``"auto"`` (``"cpp"`` for CPU inputs, ``"triton"`` for CUDA), ``"cpp"``,
-            ``"triton"`` or ``"torch"`` (vectorized pure PyTorch; CPU or CUDA).
+        backend: ``"auto"`` (``"cpp"`` for CPU inputs, ``"triton"`` for CUDA), ``"cpp"``
+            (C++ extension, ``torch.get_num_threads()`` threads), ``"triton"`` or ``"torch"``
+            (vectorized pure PyTorch; CPU or CUDA). Without the extension, or with
+            ``ATOD_FAST_NO_EXT=1``, ``"auto"`` uses ``"torch"`` on the CPU (one warning).
 
     Inputs are all torch tensors (CPU or CUDA) or all numpy arrays; ``cu_seqlens`` and
     ``bootstrap_values`` may also be sequences. Gradients never flow through the outputs.

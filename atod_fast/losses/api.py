@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
+from .chunked import atod_loss_chunked
+from .fused import atod_loss_fused
 from .inputs import validate
 from .reference import atod_loss_reference
 
 # name -> implementation taking validated LossInputs and returning (loss, per-token dict)
-_IMPLS = {"reference": atod_loss_reference}
+_IMPLS = {
+    "reference": atod_loss_reference,
+    "torch": lambda x: atod_loss_chunked(x, "torch"),
+    "triton": lambda x: atod_loss_chunked(x, "triton"),
+    "triton_fused": atod_loss_fused,
+}
 BACKENDS = ("auto", *_IMPLS)
 
 
@@ -43,8 +51,21 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
     if backend == "auto":
-        return "reference"
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if backend.startswith("triton") and not triton_available():
+        raise ValueError(f"backend={backend!r} needs the triton package, which is not installed; "
+                         "use backend='torch' (or 'auto')")
     return backend
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether Triton imports here (Linux x86-64 wheels; absent on macOS). Imported only when asked."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def atod_loss(
@@ -103,7 +124,9 @@ def atod_loss(
         kl_coef, entropy_coef: weights of the k3 KL and of the entropy bonus.
         normalizer: divide the masked sum by this instead of the number of masked rows.
         vocab_size: use the first n rows of both heads (heads padded to different sizes).
-        backend: ``"auto"`` or ``"reference"``.
+        backend: ``"auto"`` (``"triton"`` on CUDA, ``"torch"`` otherwise), ``"reference"`` (full logits,
+            autograd; the test oracle), ``"torch"`` (chunked, plain PyTorch), ``"triton"`` (chunked, one
+            Triton kernel per chunk) or ``"triton_fused"`` (logits never leave registers).
         chunk_size: rows per chunk for chunked backends (chosen automatically if None).
 
     Returns:
