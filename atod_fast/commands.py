@@ -84,13 +84,19 @@ def _cmd_train(args) -> int:
     _setup_logging()
     from .trainer import NonFiniteLossError, Trainer
 
+    trainer, ok = None, False
     try:
-        Trainer(cfg, resume=args.resume).train()
+        trainer = Trainer(cfg, resume=args.resume)
+        trainer.train()
+        ok = True
     except ConfigError as e:
         return _fail(e)
     except NonFiniteLossError as e:
         print(f"atod-fast: {e}", file=sys.stderr)
         return 1
+    finally:
+        if trainer is not None:  # under torchrun: barrier (when all went well) and destroy the process group
+            trainer.dist.shutdown(barrier=ok)
     return 0
 
 

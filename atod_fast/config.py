@@ -83,6 +83,10 @@ class ModelConfig:
     """Passed to transformers' from_pretrained."""
     packing: str = "auto"
     """Training forwards: packed (one row, position ids), padded, or auto (packed with flash-attention)."""
+    attn_implementation: str | None = None
+    """transformers attn_implementation of loaded models (e.g. flash_attention_2, sdpa); null: transformers' choice."""
+    liger: bool = False
+    """Apply Liger-Kernel's patches (RMSNorm, RoPE, SwiGLU) to the student; the LM head stays with the fused loss."""
 
     def __post_init__(self):
         _need(isinstance(self.student, str) and self.student != "", "model.student", "a model name or path",
@@ -141,8 +145,15 @@ class RolloutConfig:
     kept whole); an episode stopped by it is truncated and bootstrapped."""
     temperature: float = 1.0
     """Sampling temperature of the student during training rollouts."""
+    engine: str = "hf"
+    """Generation engine: hf (transformers generate) or vllm (needs the vllm package; weights synced every step)."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """Fraction of GPU memory vLLM may take for weights and KV cache (rollout.engine=vllm)."""
 
     def __post_init__(self):
+        _need(self.engine in ("hf", "vllm"), "rollout.engine", "hf or vllm", self.engine)
+        _need(_num(self.vllm_gpu_memory_utilization) and 0 < self.vllm_gpu_memory_utilization < 1,
+              "rollout.vllm_gpu_memory_utilization", "a number in (0, 1)", self.vllm_gpu_memory_utilization)
         for f in ("episodes_per_step", "max_new_tokens", "max_episode_tokens"):
             _need(_int(getattr(self, f)) and getattr(self, f) >= 1, f"rollout.{f}", "an integer >= 1",
                   getattr(self, f))
@@ -343,6 +354,49 @@ class EvalConfig:
 
 
 @dataclass(kw_only=True)
+class DistributedConfig:
+    """Data-parallel training over processes started by ``torchrun`` (one per GPU, or several on a CPU)."""
+
+    engine: str = "none"
+    """none (one process), ddp (torch DistributedDataParallel) or deepspeed (ZeRO, ``deepspeed.initialize``)."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage 0-3: 1 shards optimizer states, 2 also gradients, 3 also parameters."""
+    offload_optimizer: bool = False
+    """DeepSpeed: keep optimizer states in CPU memory (ZeRO stage >= 1)."""
+    offload_param: bool = False
+    """DeepSpeed: keep parameters in CPU memory between uses (ZeRO stage 3 only)."""
+    zero3_persistence_threshold: int | None = None
+    """DeepSpeed stage3_param_persistence_threshold: parameters with fewer elements stay unsharded; null: DeepSpeed's
+    default (1e5). Tiny models need 0 to be sharded at all."""
+    teacher_zero3: bool = False
+    """Shard the frozen teacher with ZeRO-3 inference (engine deepspeed), for teachers that do not fit one device."""
+    backend: str = "auto"
+    """torch.distributed backend: auto (nccl on CUDA, gloo on CPU), nccl or gloo."""
+    timeout_minutes: int = 30
+    """Timeout of collective operations; a rank waiting longer fails instead of hanging."""
+
+    def __post_init__(self):
+        _need(self.engine in ("none", "ddp", "deepspeed"), "distributed.engine", "one of none, ddp, deepspeed",
+              self.engine)
+        _need(_int(self.zero_stage) and 0 <= self.zero_stage <= 3, "distributed.zero_stage", "an integer in 0..3",
+              self.zero_stage)
+        _need(self.backend in ("auto", "nccl", "gloo"), "distributed.backend", "auto, nccl or gloo", self.backend)
+        _need(_int(self.timeout_minutes) and self.timeout_minutes >= 1, "distributed.timeout_minutes",
+              "an integer >= 1", self.timeout_minutes)
+        t = self.zero3_persistence_threshold
+        _need(t is None or (_int(t) and t >= 0), "distributed.zero3_persistence_threshold",
+              "null or an integer >= 0", t)
+        if self.engine != "deepspeed":
+            for f in ("offload_optimizer", "offload_param", "teacher_zero3"):
+                _need(not getattr(self, f), f"distributed.{f}", "false unless distributed.engine=deepspeed", True)
+        _need(not self.offload_optimizer or self.zero_stage >= 1, "distributed.offload_optimizer",
+              "false with zero_stage 0 (offloading needs ZeRO stage >= 1)", True)
+        _need(not self.offload_param or self.zero_stage == 3, "distributed.offload_param",
+              "false unless zero_stage is 3", True)
+
+
+
+@dataclass(kw_only=True)
 class SftConfig:
     """Supervised training on the environment's scripted expert (how the built-in teacher is made)."""
 
@@ -398,6 +452,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     sft: SftConfig = field(default_factory=SftConfig)
     """How the built-in teacher is made (used when model.teacher is "builtin")."""
 

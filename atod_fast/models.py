@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import TinyArch
+from .config import ConfigError, TinyArch
 
 SPECIAL_TOKENS = ["<|pad|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
 CHAT_TEMPLATE = (
@@ -70,16 +70,17 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def load_causal_lm(name_or_path: str, *, dtype: str = "float32", trust_remote_code: bool = False,
-                   gguf_file: str | None = None):
+                   gguf_file: str | None = None, attn_implementation: str | None = None):
     """(model, tokenizer) from a hub name or a local directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kw = {"trust_remote_code": trust_remote_code}
     if gguf_file is not None:
         kw["gguf_file"] = gguf_file
+    model_kw = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kw)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=_DTYPES[dtype], **kw)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=_DTYPES[dtype], **kw, **model_kw)
     except OSError as e:
         raise ValueError(f"cannot load model {name_or_path!r}: {str(e).splitlines()[0]}") from None
     if tokenizer.pad_token_id is None:
@@ -139,6 +140,20 @@ class Policy(nn.Module):
         self.lm = lm
         self.value_head = value_head or ValueHead(lm.config.hidden_size)
 
+    def forward(self, packed, rows: torch.Tensor, *, packing: str, autocast: bool, loss_fn):
+        """``loss_fn(hidden [R, H], values [R], head_weight, head_bias)`` on the last hidden states of ``rows``.
+
+        The loss is computed inside the forward so that data-parallel wrappers see all of it:
+        DDP prepares its gradient reduction here and ZeRO-3 keeps the LM head's weight gathered
+        through the fused loss's forward and backward.
+        """
+        from .packing import last_hidden_states
+
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            hidden = last_hidden_states(decoder_of(self.lm), packed, mode=packing)[rows]
+        w, b = lm_head(self.lm)
+        return loss_fn(hidden, self.value_head(hidden), w, b)
+
 
 def save_value_head(head: ValueHead, path: Path) -> None:
     from safetensors.torch import save_file
@@ -150,6 +165,20 @@ def load_value_head(head: ValueHead, path: Path) -> None:
     from safetensors.torch import load_file
 
     head.load_state_dict(load_file(str(path)))
+
+
+def apply_liger(lm: nn.Module) -> None:
+    """Liger-Kernel's fused RMSNorm, RoPE and SwiGLU in ``lm`` (in place). Its cross-entropy patches stay off: the
+    LM head belongs to the fused ATOD loss, which reads the head's weight and never materializes logits."""
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError:
+        raise ConfigError("model.liger: liger-kernel is not installed (pip install liger-kernel; it needs CUDA)") \
+            from None
+    if not torch.cuda.is_available():
+        raise ConfigError("model.liger: Liger-Kernel's Triton kernels need CUDA; set model.liger=false on the CPU")
+    _apply_liger_kernel_to_instance(model=lm, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)
 
 
 def freeze(model: nn.Module) -> nn.Module:

@@ -118,11 +118,15 @@ def stop_token_ids(lm, tokenizer) -> list[int]:
 @torch.no_grad()
 def play(lm, tokenizer, fmt: ChatFormat, envs: Sequence, seeds: Sequence[int], *, max_turns: int,
          max_new_tokens: int, max_episode_tokens: int, temperature: float, device: torch.device,
-         on_error=None) -> list[Trajectory]:
+         on_error=None, any_rank_active=None) -> list[Trajectory]:
     """Play one episode per environment, batched over the episodes still running.
 
     ``temperature == 0`` decodes greedily. Sampling draws from torch's global generator:
     seed it before calling for reproducible rollouts.
+
+    ``any_rank_active(bool) -> bool`` turns on synced generation for parameters sharded over
+    ranks (ZeRO-3): every rank calls ``generate`` (``synced_gpus=True``) as many times as the
+    rank with the longest episodes, on a one-token dummy batch once its own episodes are over.
     """
     from transformers import GenerationConfig
 
@@ -140,11 +144,21 @@ def play(lm, tokenizer, fmt: ChatFormat, envs: Sequence, seeds: Sequence[int], *
     turn = 0
     was_training = lm.training
     lm.eval()
-    while active:
+    synced = any_rank_active is not None
+    while active or synced:
         for i in list(active):
             if len(trajs[i].tokens) + max_new_tokens > max_episode_tokens:
                 trajs[i].end_reason = "token_budget"
                 active.remove(i)
+        if synced:
+            if not any_rank_active(bool(active)):
+                break
+            if not active:  # keep the collectives of the ranks still generating company
+                dummy = torch.full((1, 1), pad, dtype=torch.long, device=device)
+                lm.generate(input_ids=dummy, attention_mask=torch.ones_like(dummy), generation_config=gen_cfg,
+                            synced_gpus=True)
+                turn += 1
+                continue
         if not active:
             break
         lengths = [len(trajs[i].tokens) for i in active]
@@ -154,7 +168,8 @@ def play(lm, tokenizer, fmt: ChatFormat, envs: Sequence, seeds: Sequence[int], *
         for row, i in enumerate(active):  # left padding: every row's next token is at the same column
             ids[row, width - lengths[row]:] = torch.tensor(trajs[i].tokens)
             mask[row, width - lengths[row]:] = 1
-        out = lm.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg)
+        out = lm.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg,
+                          **({"synced_gpus": True} if synced else {}))
         new = out.sequences[:, width:].cpu()
         logits = torch.stack(out.logits, dim=1).float().cpu()  # [b, n_new, V]
         if temperature > 0:
@@ -202,14 +217,30 @@ def play(lm, tokenizer, fmt: ChatFormat, envs: Sequence, seeds: Sequence[int], *
     return trajs
 
 
-def rollout_stats(trajs: Sequence[Trajectory]) -> dict[str, float]:
-    n = max(len(trajs), 1)
+ROLLOUT_SUMS = ("episodes", "reward", "success", "turns", "invalid", "truncated", "errors", "tokens")
+
+
+def rollout_sums(trajs: Sequence[Trajectory]) -> list[float]:
+    """Sums over episodes (in ``ROLLOUT_SUMS`` order): what ranks add up before computing the stats."""
+    return [float(len(trajs)), sum(t.reward for t in trajs), float(sum(t.success for t in trajs)),
+            float(sum(t.num_turns for t in trajs)), float(sum(t.invalid_actions for t in trajs)),
+            float(sum(t.truncated for t in trajs)), float(sum(t.end_reason == "error" for t in trajs)),
+            float(sum(len(t.tokens) for t in trajs))]
+
+
+def stats_from_sums(sums: Sequence[float]) -> dict[str, float]:
+    s = dict(zip(ROLLOUT_SUMS, sums, strict=True))
+    n = max(s["episodes"], 1)
     return {
-        "reward_mean": sum(t.reward for t in trajs) / n,
-        "success_rate": sum(t.success for t in trajs) / n,
-        "turns_mean": sum(t.num_turns for t in trajs) / n,
-        "invalid_rate": sum(t.invalid_actions for t in trajs) / max(sum(t.num_turns for t in trajs), 1),
-        "truncated_rate": sum(t.truncated for t in trajs) / n,
-        "env_errors": float(sum(t.end_reason == "error" for t in trajs)),
-        "episode_tokens_mean": sum(len(t.tokens) for t in trajs) / n,
+        "reward_mean": s["reward"] / n,
+        "success_rate": s["success"] / n,
+        "turns_mean": s["turns"] / n,
+        "invalid_rate": s["invalid"] / max(s["turns"], 1),
+        "truncated_rate": s["truncated"] / n,
+        "env_errors": s["errors"],
+        "episode_tokens_mean": s["tokens"] / n,
     }
+
+
+def rollout_stats(trajs: Sequence[Trajectory]) -> dict[str, float]:
+    return stats_from_sums(rollout_sums(trajs))

@@ -28,15 +28,16 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import latest_checkpoint, load_trainer_state, read_meta, save_checkpoint, set_rng_state
+from .checkpoint import latest_checkpoint, load_rank_rng, load_trainer_state, read_meta, save_checkpoint, set_rng_state
 from .config import BUILTIN, ConfigError, TrainConfig, incompatible_keys, load_train_config, to_yaml
+from .distributed import Dist, make_engine, shard_teacher_zero3, whiten_global
 from .evaluation import evaluate_model, format_table
 from .gae import compute_gae, masked_whiten
 from .losses import atod_loss
 from .metrics import MetricsWriter
 from .models import Policy, check_same_tokenizer, decoder_of, freeze, lm_head, load_causal_lm, tiny_llama
 from .packing import Packed, last_hidden_states, pack
-from .rollout import ChatFormat, Trajectory, play, rollout_stats, stop_token_ids
+from .rollout import ChatFormat, Trajectory, play, rollout_sums, stats_from_sums, stop_token_ids
 from .schedule import AnnealSchedule
 from .seeds import step_seed, train_seeds
 
@@ -107,7 +108,8 @@ def initial_student(cfg: TrainConfig, teacher_path: str | None):
 
         tok = AutoTokenizer.from_pretrained(teacher_path)
         return tiny_llama(cfg.model.student_arch, tok, seed=cfg.seed), tok
-    return load_causal_lm(cfg.model.student, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+    return load_causal_lm(cfg.model.student, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
+                          attn_implementation=cfg.model.attn_implementation)
 
 
 def teacher_location(cfg: TrainConfig, *, progress: bool) -> str | None:
@@ -127,7 +129,19 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, *, resume: str | None = None):
         self.cfg = cfg
         self.run_dir = Path(cfg.output_dir)
-        self.device = resolve_device(cfg.device)
+        self.dist = Dist(cfg.distributed)
+        self.device = self.dist.device(cfg.device)
+        if cfg.rollout.episodes_per_step < self.dist.world:
+            raise ConfigError(f"rollout.episodes_per_step: expected at least one episode per rank (>= "
+                              f"{self.dist.world}), got {cfg.rollout.episodes_per_step}")
+        if cfg.rollout.engine == "vllm":
+            import importlib.util
+
+            if importlib.util.find_spec("vllm") is None:
+                raise ConfigError("rollout.engine: vllm is not installed (pip install vllm, on a CUDA machine); "
+                                  "use rollout.engine=hf")
+            raise ConfigError("rollout.engine: vLLM rollouts are not implemented yet; use rollout.engine=hf")
+        self.dist.init(self.device)
         self.resume_from = self._find_resume(resume)
         self.start_step = 0
         self.nonfinite_streak = 0
@@ -149,32 +163,47 @@ class Trainer:
         if bad:
             raise ConfigError(f"--resume: the config differs from the checkpoint's in {', '.join(bad)}; "
                               f"resume with the saved config ({ckpt / 'config.yaml'}) or start a new output dir")
+        world = read_meta(ckpt).get("world_size", 1)
+        if world != self.dist.world:
+            raise ConfigError(f"--resume: {ckpt} was written by {world} process(es), this run has {self.dist.world}; "
+                              "each rank plays its own episodes and holds its own shard, so resume on as many")
         return ckpt
 
     def setup(self, *, progress: bool = True) -> None:
         cfg = self.cfg
         set_cpu_threads(cfg.cpu_threads, tiny=cfg.model.student == BUILTIN and cfg.model.teacher in (BUILTIN, None))
-        self.teacher_path = teacher_location(cfg, progress=progress)
+        with self.dist.main_first():  # one rank builds the built-in teacher, the others read the cache
+            self.teacher_path = teacher_location(cfg, progress=progress and self.dist.is_main)
         lm, tok = initial_student(cfg, self.teacher_path)
+        if cfg.model.liger:
+            from .models import apply_liger
+
+            apply_liger(lm)
         teacher = None
         if self.teacher_path is not None:
             teacher, t_tok = load_causal_lm(self.teacher_path, dtype=cfg.model.dtype,
-                                            trust_remote_code=cfg.model.trust_remote_code)
+                                            trust_remote_code=cfg.model.trust_remote_code,
+                                  attn_implementation=cfg.model.attn_implementation)
             check_same_tokenizer(tok, t_tok, cfg.model.student, self.teacher_path, "teacher")
-            teacher = freeze(teacher).to(self.device)
+            teacher = freeze(teacher)
+            if cfg.distributed.teacher_zero3:
+                teacher = shard_teacher_zero3(teacher, cfg.distributed, self.device, self.dist.world)
+            else:
+                teacher = teacher.to(self.device)
         reference = None
         if cfg.loss.kl_coef > 0:
             if cfg.model.reference is None:
                 reference = copy.deepcopy(lm)
             else:
                 reference, r_tok = load_causal_lm(cfg.model.reference, dtype=cfg.model.dtype,
-                                                  trust_remote_code=cfg.model.trust_remote_code)
+                                                  trust_remote_code=cfg.model.trust_remote_code,
+                                  attn_implementation=cfg.model.attn_implementation)
                 check_same_tokenizer(tok, r_tok, cfg.model.student, cfg.model.reference, "reference")
             reference = freeze(reference).to(self.device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             policy = Policy(lm)
-        if self.resume_from is not None:
+        if self.resume_from is not None and cfg.distributed.engine != "deepspeed":
             self._load_weights(policy, self.resume_from)
         policy.to(self.device).train()
         self.models = Models(policy, tok, teacher, reference)
@@ -186,11 +215,13 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(policy.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                                            weight_decay=o.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg))
+        self.engine = make_engine(cfg.distributed, policy, self.optimizer, max_grad_norm=o.max_grad_norm,
+                                  device=self.device, world=self.dist.world)
         if self.resume_from is not None:
             st = load_trainer_state(self.resume_from)
-            self.optimizer.load_state_dict(st["optimizer"])
+            self.engine.load_engine_state(self.resume_from / "deepspeed", st)
             self.scheduler.load_state_dict(st["scheduler"])
-            set_rng_state(st["rng"])
+            set_rng_state(load_rank_rng(self.resume_from, self.dist.rank) or st["rng"])
             self.start_step = st["step"]
             self.nonfinite_streak = st.get("nonfinite_streak", 0)
         w_s, _ = lm_head(lm)
@@ -217,12 +248,15 @@ class Trainer:
     # ----------------------------------------------------------------- one step
     def rollout(self, step: int) -> list[Trajectory]:
         cfg = self.cfg
-        seeds = train_seeds(cfg.seed, step, cfg.rollout.episodes_per_step)
+        d = self.dist
+        # Rank r plays episodes r, r + world, ... of the step, sampling from its own generator.
+        seeds = train_seeds(cfg.seed, step, cfg.rollout.episodes_per_step)[d.rank::d.world]
         envs = [cfg.env.make() for _ in seeds]
-        torch.manual_seed(step_seed(cfg.seed, step))
+        torch.manual_seed((step_seed(cfg.seed, step) + 1_000_003 * d.rank) % (1 << 62))
         return play(self.models.policy.lm, self.models.tokenizer, self.fmt, envs, seeds, max_turns=self.max_turns,
                     max_new_tokens=cfg.rollout.max_new_tokens, max_episode_tokens=cfg.rollout.max_episode_tokens,
-                    temperature=cfg.rollout.temperature, device=self.device)
+                    temperature=cfg.rollout.temperature, device=self.device,
+                    any_rank_active=d.any if self.engine.zero3 else None)
 
     def _autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
@@ -262,7 +296,8 @@ class Trainer:
         targets = packed.input_ids[arow + 1]
         h = self._hidden(m.policy.lm, packed)  # [T, H]
         values_tok = m.policy.value_head(h)  # [T]
-        old_logprobs = self._logprobs(h[arow], m.policy.lm, targets)
+        with self.engine.gathered(lm_head(m.policy.lm)):
+            old_logprobs = self._logprobs(h[arow], m.policy.lm, targets)
         out = {"targets": targets, "old_logprobs": old_logprobs, "old_values": values_tok[arow]}
         if m.teacher is not None and self.schedule.lambda_max > 0:
             out["teacher_hidden"] = self._hidden(m.teacher, packed)[arow]
@@ -287,7 +322,9 @@ class Trainer:
         adv, ret = compute_gae(rewards_tok[row_pos], values_tok.float().cpu()[row_pos], cu_rows, act_rows,
                                gamma=cfg.ppo.gamma, lam=cfg.ppo.gae_lambda, bootstrap_values=boot)
         adv, ret = adv[act_rows].to(self.device), ret[act_rows].to(self.device)
-        if cfg.ppo.whiten_advantages and adv.numel() > 1:
+        if cfg.ppo.whiten_advantages and self.dist.world > 1:
+            adv = whiten_global(adv, self.dist).to(self.device)  # statistics of the global batch
+        elif cfg.ppo.whiten_advantages and adv.numel() > 1:
             adv = masked_whiten(adv, torch.ones_like(adv, dtype=torch.bool))
         out["advantages"], out["returns"] = adv, ret
         turn = torch.tensor([k for t in trajs for k in t.turn_idx], dtype=torch.long, device=self.device)
@@ -297,60 +334,61 @@ class Trainer:
         return out
 
     def update(self, step: int, data: dict) -> dict:
-        cfg, m = self.cfg, self.models
+        """PPO epochs × minibatches. A minibatch is a set of the step's episodes over all ranks; each rank
+        computes the loss of its own episodes in it, weighted so that the gradient the engine averages over
+        ranks is the gradient of the minibatch's global token mean (the 1-process loss)."""
+        cfg, m, d = self.cfg, self.models, self.dist
         trajs, counts = data["trajs"], data["counts"]
         offsets = [0]
         for c in counts:
             offsets.append(offsets[-1] + c)
         per_traj = [k for k in ("targets", "old_logprobs", "old_values", "teacher_hidden", "ref_logprobs",
                                 "advantages", "returns", "lam") if k in data]
-        w_s, b_s = lm_head(m.policy.lm)
-        w_t, b_t = lm_head(m.teacher) if "teacher_hidden" in data else (None, None)
+        n_global = cfg.rollout.episodes_per_step
+        g_counts = torch.zeros(n_global, dtype=torch.float64)
+        g_counts[d.rank::d.world] = torch.tensor(counts, dtype=torch.float64)
+        g_counts = d.all_reduce(g_counts.to(d.comm_device)).cpu().long().tolist()
+        spare = max(range(len(counts)), key=lambda i: counts[i])  # a rank with nothing in a minibatch runs this
+        if d.world > 1 and any(g_counts) and not counts[spare]:
+            raise RuntimeError(f"rank {d.rank}: none of its episodes has an agent token; raise "
+                               "rollout.max_episode_tokens")
+        teacher_head = lm_head(m.teacher) if "teacher_hidden" in data else (None, None)
         gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, salt=1))
         sums: dict[str, float] = {}
         n_rows, skipped, grad_norms = 0, 0, []
         for _ in range(cfg.ppo.epochs):
-            order = torch.randperm(len(counts), generator=gen)
+            order = torch.randperm(n_global, generator=gen)
             for mb in order.chunk(cfg.ppo.minibatches):
-                idx = [i for i in mb.tolist() if counts[i] > 0]
-                if not idx:
+                mb = mb.tolist()
+                global_n = sum(g_counts[i] for i in mb)
+                if global_n == 0:
                     continue
+                idx = [i // d.world for i in mb if i % d.world == d.rank and g_counts[i] > 0]
+                weight = d.world * sum(counts[i] for i in idx) / global_n
+                if not idx:
+                    idx = [spare]
                 sel = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in idx]).to(self.device)
-                d = {k: data[k][sel] for k in per_traj}
+                batch = {k: data[k][sel] for k in per_traj}
                 packed, arow = self._layout([trajs[i] for i in idx])
-                h = self._hidden(m.policy.lm, packed)[arow]
-                out = atod_loss(
-                    h, w_s, d["targets"], d["old_logprobs"], d["advantages"], d["lam"],
-                    torch.ones_like(d["lam"], dtype=torch.bool), student_bias=b_s,
-                    teacher_hidden=d.get("teacher_hidden"), teacher_weight=w_t, teacher_bias=b_t,
-                    ref_logprobs=d.get("ref_logprobs"), divergence=cfg.loss.divergence, jsd_beta=cfg.loss.jsd_beta,
-                    temperature=cfg.loss.temperature, clip_eps_low=cfg.loss.clip_eps_low,
-                    clip_eps_high=cfg.loss.clip_eps_high, dual_clip=cfg.loss.dual_clip, kl_coef=cfg.loss.kl_coef,
-                    entropy_coef=cfg.loss.entropy_coef, vocab_size=self.vocab_size, backend=cfg.loss.backend,
-                )
-                v = m.policy.value_head(h)
-                v_loss = (v - d["returns"]) ** 2
-                if cfg.ppo.value_clip is not None:
-                    v_clip = d["old_values"] + (v - d["old_values"]).clamp(-cfg.ppo.value_clip, cfg.ppo.value_clip)
-                    v_loss = torch.maximum(v_loss, (v_clip - d["returns"]) ** 2)
-                v_loss = 0.5 * v_loss.mean()
-                total = out.loss + cfg.ppo.value_loss_coef * v_loss
-                if not torch.isfinite(total):
+                with self.engine.gathered(teacher_head if cfg.distributed.teacher_zero3 else ()):
+                    res = self.engine(packed, arow, packing=cfg.model.packing, autocast=self.device.type == "cuda",
+                                      loss_fn=self._loss_fn(batch, teacher_head))
+                    total = res["total"]
+                    if d.any(not bool(torch.isfinite(total))):
+                        skipped += 1
+                        continue
+                    self.engine.backward(total * weight)
+                gn = self.engine.step()
+                if gn is None:
                     skipped += 1
                     continue
-                self.optimizer.zero_grad(set_to_none=True)
-                total.backward()
-                if cfg.optim.max_grad_norm is not None:
-                    gn = torch.nn.utils.clip_grad_norm_(m.policy.parameters(), cfg.optim.max_grad_norm)
-                    if not torch.isfinite(gn):
-                        skipped += 1
-                        self.optimizer.zero_grad(set_to_none=True)
-                        continue
-                    grad_norms.append(float(gn))
-                self.optimizer.step()
+                grad_norms.append(gn)
+                if weight == 0:
+                    continue
                 k = len(sel)
                 n_rows += k
-                for name, val in (("loss", total.item() * k), ("value_loss", v_loss.item() * k),
+                out = res["out"]
+                for name, val in (("loss", total.item() * k), ("value_loss", res["value_loss"].item() * k),
                                   ("distill", out.distill.sum().item()), ("pg", out.pg.sum().item()),
                                   ("kl", out.kl.sum().item()), ("entropy", out.entropy.sum().item()),
                                   ("clipfrac", out.clipped.float().sum().item())):
@@ -358,13 +396,38 @@ class Trainer:
         with warnings.catch_warnings():  # the LR schedule follows training steps, even fully skipped ones
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
             self.scheduler.step()
-        metrics = {k: v / max(n_rows, 1) for k, v in sums.items()}
-        for k in ("loss", "value_loss", "distill", "pg", "kl", "entropy", "clipfrac"):
-            metrics.setdefault(k, float("nan"))
+        names = ("loss", "value_loss", "distill", "pg", "kl", "entropy", "clipfrac")
+        reduced = d.sum_floats([sums.get(k, 0.0) for k in names] + [float(n_rows)])
+        n_rows = reduced[-1]
+        metrics = {k: (v / n_rows if n_rows else float("nan")) for k, v in zip(names, reduced, strict=False)}
         metrics["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else float("nan")
         metrics["skipped_updates"] = skipped
         metrics["nonfinite"] = skipped > 0
         return metrics
+
+    def _loss_fn(self, d: dict, teacher_head):
+        """The minibatch's loss from the student's hidden states (called inside the engine's forward)."""
+        cfg = self.cfg
+        w_t, b_t = teacher_head
+
+        def loss_fn(h, v, w_s, b_s):
+            out = atod_loss(
+                h, w_s, d["targets"], d["old_logprobs"], d["advantages"], d["lam"],
+                torch.ones_like(d["lam"], dtype=torch.bool), student_bias=b_s,
+                teacher_hidden=d.get("teacher_hidden"), teacher_weight=w_t, teacher_bias=b_t,
+                ref_logprobs=d.get("ref_logprobs"), divergence=cfg.loss.divergence, jsd_beta=cfg.loss.jsd_beta,
+                temperature=cfg.loss.temperature, clip_eps_low=cfg.loss.clip_eps_low,
+                clip_eps_high=cfg.loss.clip_eps_high, dual_clip=cfg.loss.dual_clip, kl_coef=cfg.loss.kl_coef,
+                entropy_coef=cfg.loss.entropy_coef, vocab_size=self.vocab_size, backend=cfg.loss.backend,
+            )
+            v_loss = (v - d["returns"]) ** 2
+            if cfg.ppo.value_clip is not None:
+                v_clip = d["old_values"] + (v - d["old_values"]).clamp(-cfg.ppo.value_clip, cfg.ppo.value_clip)
+                v_loss = torch.maximum(v_loss, (v_clip - d["returns"]) ** 2)
+            v_loss = 0.5 * v_loss.mean()
+            return {"total": out.loss + cfg.ppo.value_loss_coef * v_loss, "value_loss": v_loss, "out": out}
+
+        return loss_fn
 
     def step(self, step: int) -> dict:
         t0 = time.perf_counter()
@@ -373,15 +436,20 @@ class Trainer:
         data = self.prepare(step, trajs)
         metrics = self.update(step, data)
         t2 = time.perf_counter()
-        stats = rollout_stats(trajs)
-        n_tokens = sum(len(t.tokens) for t in trajs)
+        # Every rank's share, added up: the logged numbers are those of the global batch.
+        lam = data["lam"]
+        reduced = self.dist.sum_floats([*rollout_sums(trajs), float(lam.sum()), float(lam.numel()),
+                                        float(sum(data["counts"]))])
+        stats = stats_from_sums(reduced[:-3])
+        lam_sum, lam_n, action_tokens = reduced[-3:]
+        n_tokens = int(stats["episode_tokens_mean"] * reduced[0])
         horizon = self.schedule.turn_horizon
         lam_turn = self.schedule(step - 1, torch.arange(max(horizon, self.max_turns))).tolist()
         return {
             "step": step, **metrics,
-            "lambda_mean": float(data["lam"].mean()) if data["lam"].numel() else float("nan"),
+            "lambda_mean": lam_sum / lam_n if lam_n else float("nan"),
             "lambda_turn": [round(x, 6) for x in lam_turn],
-            **stats, "tokens": n_tokens, "action_tokens": int(sum(data["counts"])),
+            **stats, "tokens": n_tokens, "action_tokens": int(action_tokens),
             "tokens_per_s": n_tokens / max(t2 - t0, 1e-9), "rollout_s": t1 - t0, "update_s": t2 - t1,
             "lr": self.scheduler.get_last_lr()[0],
         }
@@ -389,36 +457,40 @@ class Trainer:
     # ----------------------------------------------------------------- the loop
     def save(self, step: int) -> Path:
         return save_checkpoint(self.run_dir, step, policy=self.models.policy, tokenizer=self.models.tokenizer,
-                               optimizer=self.optimizer, scheduler=self.scheduler, config_yaml=to_yaml(self.cfg),
-                               state={"nonfinite_streak": self.nonfinite_streak}, max_steps=self.cfg.max_steps,
-                               keep_last=self.cfg.checkpoint.keep_last)
+                               engine=self.engine, dist=self.dist, scheduler=self.scheduler,
+                               config_yaml=to_yaml(self.cfg), state={"nonfinite_streak": self.nonfinite_streak},
+                               max_steps=self.cfg.max_steps, keep_last=self.cfg.checkpoint.keep_last)
 
     def train(self) -> dict:
         """Run to max_steps; returns the final evaluation table (empty if eval.at_end is false)."""
         from tqdm.auto import tqdm
 
-        cfg = self.cfg
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+        cfg, main = self.cfg, self.dist.is_main
+        if main:  # every rank computes the metrics; rank 0 alone writes files and shows progress
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
         if self.resume_from is not None:
             meta = read_meta(self.resume_from)
             if meta["step"] >= cfg.max_steps:
-                print(f"run already finished: {self.resume_from} is at step {meta['step']} of {cfg.max_steps}; "
-                      "nothing to do")
+                if main:
+                    print(f"run already finished: {self.resume_from} is at step {meta['step']} of "
+                          f"{cfg.max_steps}; nothing to do")
                 return {}
         self.setup(progress=cfg.logging.progress)
-        if self.start_step:
+        if self.start_step and main:
             log.info("resuming from %s (step %d)", self.resume_from, self.start_step)
-        writer = MetricsWriter(self.run_dir, tensorboard=cfg.logging.tensorboard, resume_step=self.start_step)
-        bar = tqdm(total=cfg.max_steps, initial=self.start_step, desc="train", disable=not cfg.logging.progress,
-                   dynamic_ncols=True)
+        writer = MetricsWriter(self.run_dir, tensorboard=cfg.logging.tensorboard,
+                               resume_step=self.start_step) if main else None
+        bar = tqdm(total=cfg.max_steps, initial=self.start_step, desc="train",
+                   disable=not (cfg.logging.progress and main), dynamic_ncols=True)
         last_good = latest_checkpoint(self.run_dir)
         try:
             for step in range(self.start_step + 1, cfg.max_steps + 1):
                 m = self.step(step)
-                writer.write(m)
+                if writer is not None:
+                    writer.write(m)
                 self.nonfinite_streak = self.nonfinite_streak + 1 if m["nonfinite"] else 0
-                if m["nonfinite"]:
+                if m["nonfinite"] and main:
                     log.warning("step %d: non-finite loss in %d minibatch(es); those updates were skipped",
                                 step, m["skipped_updates"])
                 if self.nonfinite_streak >= cfg.optim.max_nonfinite_steps:
@@ -429,7 +501,8 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix_str(f"tok/s={m['tokens_per_s']:.0f} reward={m['reward_mean']:.2f} "
                                     f"success={m['success_rate']:.2f} λ={m['lambda_mean']:.2f}")
-                if not cfg.logging.progress and (step % cfg.logging.log_every == 0 or step == cfg.max_steps):
+                if main and not cfg.logging.progress and (step % cfg.logging.log_every == 0
+                                                          or step == cfg.max_steps):
                     print(f"step {step}/{cfg.max_steps} loss={m['loss']:.4f} reward={m['reward_mean']:.3f} "
                           f"success={m['success_rate']:.3f} λ={m['lambda_mean']:.3f} tok/s={m['tokens_per_s']:.0f}",
                           flush=True)
@@ -437,15 +510,24 @@ class Trainer:
                     last_good = self.save(step)
         finally:
             bar.close()
-            writer.close()
+            if writer is not None:
+                writer.close()
         if not cfg.eval.at_end:
             return {}
-        return self.final_eval()
+        rows = self.final_eval(last_good) if main else {}
+        self.dist.barrier()
+        return rows
 
-    def final_eval(self) -> dict:
+    def final_eval(self, ckpt: Path | None = None) -> dict:
+        """On rank 0 alone: parameters sharded by ZeRO-3 are read back from the checkpoint's HF export."""
         cfg = self.cfg
-        rows = compare(cfg, self.models.policy.lm, self.models.tokenizer, self.models.teacher, self.teacher_path,
-                       self.device, episodes=cfg.eval.episodes)
+        student, teacher = self.models.policy.lm, self.models.teacher
+        if self.engine.zero3:
+            student = load_causal_lm(str(ckpt / "student"), dtype=cfg.model.dtype)[0].to(self.device)
+        if cfg.distributed.teacher_zero3:
+            teacher = None  # sharded over the ranks: not evaluated by one
+        rows = compare(cfg, student, self.models.tokenizer, teacher, self.teacher_path, self.device,
+                       episodes=cfg.eval.episodes)
         import json
 
         (self.run_dir / "eval.json").write_text(json.dumps(rows, indent=2))
