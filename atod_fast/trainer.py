@@ -416,6 +416,8 @@ class Trainer:
         try:
             for step in range(self.start_step + 1, cfg.max_steps + 1):
                 m = self.step(step)
+                if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.max_steps):
+                    m.update(self.heldout(step))
                 writer.write(m)
                 self.nonfinite_streak = self.nonfinite_streak + 1 if m["nonfinite"] else 0
                 if m["nonfinite"]:
@@ -441,6 +443,14 @@ class Trainer:
         if not cfg.eval.at_end:
             return {}
         return self.final_eval()
+
+    def heldout(self, step: int) -> dict:
+        """Held-out success of the current student (eval.every); leaves every training RNG untouched."""
+        t0 = time.perf_counter()
+        r = evaluate_model(self.models.policy.lm, self.models.tokenizer,
+                           **eval_kwargs(self.cfg, self.device, self.cfg.eval.episodes))
+        return {"heldout_success_rate": r["success_rate"], "heldout_reward_mean": r["reward_mean"],
+                "heldout_s": time.perf_counter() - t0}
 
     def final_eval(self) -> dict:
         cfg = self.cfg
