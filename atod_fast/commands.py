@@ -217,5 +217,5 @@ def _cmd_compare(args) -> int:
         return _fail(e)
     print()
     print((grid.output_dir / "results.md").read_text(), end="")
-    print(f"\nwritten to {grid.output_dir}: results.json, results.md, success_vs_step.png, final_success.png")
+    print(f"\nwritten: {', '.join(res['written'])}")
     return 1 if res["failed"] else 0

@@ -226,7 +226,7 @@ def run_grid(grid: Grid, *, log=print) -> dict:
             log(f"[{n_done}/{total}] {m} seed {s}: held-out success {curve(configs[key])[-1][1]:.3f} "
                 f"({wall[key]:.0f} s; about {per * left / 60:.0f} min left)")
     results = collect(grid, configs, teacher, before, wall, failed, wall_s=time.perf_counter() - t_start)
-    write_report(grid.output_dir, results)
+    results["written"] = [str(p) for p in write_report(grid.output_dir, results, log=log)]
     return results
 
 
@@ -382,7 +382,13 @@ def plot(res: dict, out: Path) -> list[Path]:
     return paths
 
 
-def write_report(out: Path, res: dict) -> list[Path]:
+def write_report(out: Path, res: dict, *, log=print) -> list[Path]:
+    """results.json, results.md and (with matplotlib) the two plots; returns the paths written."""
     (out / "results.json").write_text(json.dumps(res, indent=2))
     (out / "results.md").write_text(format_markdown(res))
-    return [out / "results.json", out / "results.md", *plot(res, out)]
+    try:
+        pngs = plot(res, out)
+    except ImportError as e:  # the numbers are worth keeping without the plots
+        log(f"no plots: {e}")
+        pngs = []
+    return [out / "results.json", out / "results.md", *pngs]
