@@ -102,3 +102,9 @@ def test_cli_reports_bad_seeds(tmp_path, capsys):
     assert main(["compare", "--output-dir", str(tmp_path), "--seeds", "a,b"]) == 2
     assert "--seeds" in capsys.readouterr().err
     assert not os.listdir(tmp_path)
+
+
+def test_eval_every_is_validated():
+    with pytest.raises(ConfigError, match=r"eval\.every: expected an integer >= 0"):
+        load_train_config(None, ["eval.every=-1"])
+    assert load_train_config(None, []).eval.every == 0  # off unless asked for: train runs as before
