@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 
 
 def add_train_commands(sub) -> None:
@@ -39,6 +40,22 @@ def add_train_commands(sub) -> None:
     p.add_argument("--print-config", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="e.g. sft.steps=200 env.name=hanoi")
     p.set_defaults(func=_cmd_sft)
+
+    p = sub.add_parser("compare", help="teacher vs OPD vs PPO vs ATOD (and ablations), methods × seeds",
+                       description="Train every method on every seed with one shared config (methods differ only "
+                       "in schedule.*), evaluate on held-out seeds during training, and write results.json, "
+                       "results.md and PNG plots. Rerun the same command to resume: finished runs are skipped.")
+    p.add_argument("--config", metavar="FILE.yaml", help="YAML config shared by every run")
+    p.add_argument("--output-dir", default="runs/compare", help="grid directory (default: runs/compare)")
+    p.add_argument("--methods", default=",".join(_compare_methods()),
+                   help=f"comma-separated subset of {','.join(_compare_methods())} (default: all)")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds (default: 0,1,2)")
+    p.add_argument("--max-steps", type=int, default=150, help="training steps of every run (default: 150)")
+    p.add_argument("--eval-every", type=int, default=25, help="held-out evaluation every N steps (default: 25)")
+    p.add_argument("--eval-episodes", type=int, default=128, help="held-out episodes per point (default: 128)")
+    p.add_argument("--jobs", type=int, default=1, help="training runs at the same time (default: 1)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="shared config overrides")
+    p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("plot", help="write PNG curves of a run (success, reward, λ by turn, loss terms)")
     p.add_argument("run_dir", help="run directory holding metrics.jsonl")
@@ -176,3 +193,35 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     for p in paths:
         print(p)
     return 0
+
+
+def _compare_methods() -> tuple[str, ...]:
+    from .compare import DEFAULT_METHODS
+
+    return DEFAULT_METHODS
+
+
+def _cmd_compare(args) -> int:
+    from pathlib import Path
+
+    from .compare import Grid, run_grid
+    from .config import ConfigError
+
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        return _fail(ValueError(f"--seeds: expected comma-separated integers, got {args.seeds!r}"))
+    try:
+        grid = Grid(output_dir=Path(args.output_dir), config=args.config, overrides=list(args.overrides),
+                    methods=[m.strip() for m in args.methods.split(",") if m.strip()], seeds=seeds,
+                    max_steps=args.max_steps, eval_every=args.eval_every, eval_episodes=args.eval_episodes,
+                    jobs=args.jobs)
+        _setup_logging()
+        t0 = time.perf_counter()
+        res = run_grid(grid, log=lambda msg: print(f"[{time.perf_counter() - t0:7.0f}s] {msg}", flush=True))
+    except (ConfigError, ValueError) as e:
+        return _fail(e)
+    print()
+    print((grid.output_dir / "results.md").read_text(), end="")
+    print(f"\nwritten: {', '.join(res['written'])}")
+    return 1 if res["failed"] else 0

@@ -346,9 +346,13 @@ class EvalConfig:
     """Sampling temperature; 0 means greedy decoding."""
     at_end: bool = True
     """At the end of train, print teacher vs student-before vs student-after success."""
+    every: int = 0
+    """Also evaluate the student during training, every this many steps and at the last step (0: never); the
+    step's metrics get heldout_success_rate and heldout_reward_mean (for held-out learning curves)."""
 
     def __post_init__(self):
         _need(_int(self.episodes) and self.episodes >= 1, "eval.episodes", "an integer >= 1", self.episodes)
+        _need(_int(self.every) and self.every >= 0, "eval.every", "an integer >= 0", self.every)
         _need(_num(self.temperature) and self.temperature >= 0, "eval.temperature", "a number >= 0",
               self.temperature)
 

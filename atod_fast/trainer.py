@@ -477,6 +477,10 @@ class Trainer:
                           f"{cfg.max_steps}; nothing to do")
                 return {}
         self.setup(progress=cfg.logging.progress)
+        if cfg.eval.every and self.engine.zero3:
+            # Held-out evaluation runs on rank 0 alone, which cannot see parameters ZeRO-3 shards.
+            raise ConfigError("eval.every: held-out evaluation during training needs unsharded parameters; "
+                              "expected 0 with distributed.zero_stage=3")
         if self.start_step and main:
             log.info("resuming from %s (step %d)", self.resume_from, self.start_step)
         writer = MetricsWriter(self.run_dir, tensorboard=cfg.logging.tensorboard,
@@ -487,6 +491,8 @@ class Trainer:
         try:
             for step in range(self.start_step + 1, cfg.max_steps + 1):
                 m = self.step(step)
+                if main and cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.max_steps):
+                    m.update(self.heldout(step))
                 if writer is not None:
                     writer.write(m)
                 self.nonfinite_streak = self.nonfinite_streak + 1 if m["nonfinite"] else 0
@@ -517,6 +523,14 @@ class Trainer:
         rows = self.final_eval(last_good) if main else {}
         self.dist.barrier()
         return rows
+
+    def heldout(self, step: int) -> dict:
+        """Held-out success of the current student (eval.every), on rank 0; leaves every training RNG untouched."""
+        t0 = time.perf_counter()
+        r = evaluate_model(self.models.policy.lm, self.models.tokenizer,
+                           **eval_kwargs(self.cfg, self.device, self.cfg.eval.episodes))
+        return {"heldout_success_rate": r["success_rate"], "heldout_reward_mean": r["reward_mean"],
+                "heldout_s": time.perf_counter() - t0}
 
     def final_eval(self, ckpt: Path | None = None) -> dict:
         """On rank 0 alone: parameters sharded by ZeRO-3 are read back from the checkpoint's HF export."""

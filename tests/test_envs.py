@@ -2,6 +2,7 @@
 
 import itertools
 import random
+import re
 import subprocess
 from collections import deque
 
@@ -163,3 +164,62 @@ def test_textarena_guess_the_number_adapter():
     while not done:
         obs, reward, done, info = env.step("still nothing")
     assert not info["success"] and info["invalid"]
+
+
+def _play_expert(env, seed):
+    obs, done = env.reset(seed), False
+    while not done:
+        action = env.expert_action()
+        assert re.fullmatch(r"\[\d+\]", action), action
+        obs, reward, done, info = env.step(action)
+        assert not info["invalid"], obs
+    return info, reward
+
+
+def test_textarena_guess_the_number_expert():
+    pytest.importorskip("textarena")
+    # Perfect bisection finds any number of 1..20 in at most 5 guesses, whatever the secret.
+    env = make("textarena", env_id="GuessTheNumber-v0", max_turns=5, expert_error_rate=0.0)
+    state = random.getstate()
+    results = [_play_expert(env, s) for s in range(40)]
+    assert random.getstate() == state, "the expert must not draw from the global random state"
+    assert all(info["success"] and reward == 1.0 and info["turns"] <= 5 for info, reward in results)
+
+    # With errors: still only hint-consistent, valid guesses (checked in _play_expert), deterministic per seed,
+    # and with 4 guesses (fewer than bisection needs for 1..20) it fails more often than bisection does.
+    def rate(error_rate):
+        e = make("textarena", env_id="GuessTheNumber-v0", max_turns=4, expert_error_rate=error_rate)
+        return sum(_play_expert(e, s)[0]["success"] for s in range(120)) / 120
+
+    perfect, sloppy = rate(0.0), rate(0.5)
+    assert 0.6 <= perfect <= 0.9 and sloppy < perfect - 0.05, (perfect, sloppy)
+    assert rate(0.5) == sloppy
+
+
+def test_textarena_expert_only_where_it_exists():
+    pytest.importorskip("textarena")
+    with pytest.raises(ValueError, match="no scripted expert for env_id='TowerOfHanoi-v0'"):
+        make("textarena", env_id="TowerOfHanoi-v0", expert_error_rate=0.0)
+    with pytest.raises(ValueError, match="expert_error_rate"):
+        make("textarena", env_id="GuessTheNumber-v0", expert_error_rate=1.5)
+    env = make("textarena", env_id="GuessTheNumber-v0")
+    env.reset(0)
+    with pytest.raises(RuntimeError, match="expert_error_rate"):
+        env.expert_action()
+
+
+def test_textarena_partial_credit_is_not_a_win():
+    pytest.importorskip("textarena")
+    env = make("textarena", env_id="GuessTheNumber-v0", max_turns=20)
+    losses = 0
+    for seed in range(6):
+        env.reset(seed)
+        done, guesses = False, iter(range(1, 21))
+        while not done:  # 1, 2, 3, ...: textarena's own turn limit ends the game when the secret is high
+            _, reward, done, info = env.step(f"[{next(guesses)}]")
+        if reward < 1.0:
+            losses += 1
+            assert reward > 0.0 and not info["success"] and info["turns"] >= 10, (reward, info)
+        else:
+            assert info["success"] and reward == 1.0
+    assert losses >= 1
