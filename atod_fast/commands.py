@@ -87,18 +87,28 @@ def _fail(e: Exception) -> int:
     return 2
 
 
-def _cmd_train(args) -> int:
-    from .config import ConfigError, load_train_config, to_yaml
+def _resolve_config(loader, args, flags: dict[str, str]):
+    """``(config, None)`` to go on with, or ``(None, exit code)`` after a config error or --print-config."""
+    from .config import ConfigError, to_yaml
 
     try:
-        cfg = load_train_config(args.config, _overrides(args, {"output_dir": "output_dir", "max_steps": "max_steps",
-                                                               "seed": "seed"}))
+        cfg = loader(args.config, _overrides(args, flags))
     except ConfigError as e:
-        return _fail(e)
+        return None, _fail(e)
     if args.print_config:
         print(to_yaml(cfg), end="")
-        return 0
+        return None, 0
     _setup_logging()
+    return cfg, None
+
+
+def _cmd_train(args) -> int:
+    from .config import ConfigError, load_train_config
+
+    cfg, code = _resolve_config(load_train_config, args, {"output_dir": "output_dir", "max_steps": "max_steps",
+                                                          "seed": "seed"})
+    if cfg is None:
+        return code
     from .trainer import NonFiniteLossError, Trainer
 
     trainer, ok = None, False
@@ -163,16 +173,11 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_sft(args) -> int:
-    from .config import ConfigError, load_sft_config, to_yaml
+    from .config import load_sft_config
 
-    try:
-        cfg = load_sft_config(args.config, _overrides(args, {"output_dir": "output_dir", "seed": "seed"}))
-    except ConfigError as e:
-        return _fail(e)
-    if args.print_config:
-        print(to_yaml(cfg), end="")
-        return 0
-    _setup_logging()
+    cfg, code = _resolve_config(load_sft_config, args, {"output_dir": "output_dir", "seed": "seed"})
+    if cfg is None:
+        return code
     from .sft import run_sft
 
     try:
