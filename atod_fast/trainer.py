@@ -233,7 +233,7 @@ class Trainer:
             self.sync_vllm()  # also brings in the weights of a resumed checkpoint
 
     def _build_vllm(self, lm, tok):
-        """One colocated vLLM engine on this rank's GPU, holding the student's current weights."""
+        """One colocated vLLM engine on this rank's GPU over the student's architecture (weights: the next sync)."""
         from .vllm_rollout import VllmGenerator, export_config
 
         cfg = self.cfg
@@ -241,7 +241,9 @@ class Trainer:
         if model == BUILTIN:  # in memory only: vLLM reads its config and tokenizer from a folder
             keep = export_config(lm, tok)
             model = keep.name
-        return VllmGenerator.create(model=model, dtype=cfg.model.dtype,
+        # bf16 whatever model.dtype says: on CUDA the student's forwards run under bf16 autocast (or in bf16
+        # weights), so that is the distribution it trains on; vLLM's attention kernels want 16-bit weights too.
+        return VllmGenerator.create(model=model, dtype="bfloat16",
                                     gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization,
                                     max_model_len=cfg.rollout.max_episode_tokens,
                                     seed=(cfg.seed + self.dist.rank) % (1 << 31),

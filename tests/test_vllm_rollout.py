@@ -82,7 +82,8 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 
 def _student(tr) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in tr.models.policy.lm.named_parameters()}
+    """The student LM's weights as the engine stores them (bf16)."""
+    return {n: p.detach().to(torch.bfloat16) for n, p in tr.models.policy.lm.named_parameters()}
 
 
 def _turn_spans(t) -> list[tuple[int, int]]:
@@ -212,7 +213,7 @@ def test_trainer_rollout_through_the_engine(vllm_trainer):
     (llm,) = fake_vllm.INSTANCES
     a = llm.kwargs
     assert a["tensor_parallel_size"] == 1 and a["distributed_executor_backend"] == "external_launcher"
-    assert a["gpu_memory_utilization"] == 0.4 and a["dtype"] == cfg.model.dtype
+    assert a["gpu_memory_utilization"] == 0.4 and a["dtype"] == "bfloat16"
     assert a["max_model_len"] == cfg.rollout.max_episode_tokens and a["load_format"] == "dummy"
     assert a["logprobs_mode"] == "processed_logprobs"
     assert issubclass(type(llm.worker), WeightSyncExtension)
