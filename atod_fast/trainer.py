@@ -227,7 +227,6 @@ class Trainer:
         self.vocab_size = None
         if teacher is not None and lm_head(teacher)[0].shape[0] != w_s.shape[0]:
             self.vocab_size = len(tok)  # heads padded to different sizes over one tokenizer
-        self.vllm = None
         if cfg.rollout.engine == "vllm":
             self.vllm = self._build_vllm(lm, tok)
             self.sync_vllm()  # also brings in the weights of a resumed checkpoint
