@@ -146,7 +146,8 @@ class RolloutConfig:
     temperature: float = 1.0
     """Sampling temperature of the student during training rollouts."""
     engine: str = "hf"
-    """Generation engine: hf (transformers generate) or vllm (needs the vllm package; weights synced every step)."""
+    """Generation engine: hf (transformers generate) or vllm (a colocated vLLM engine per rank, needs CUDA and the
+    vllm package; the student's weights are synced into it after every update)."""
     vllm_gpu_memory_utilization: float = 0.3
     """Fraction of GPU memory vLLM may take for weights and KV cache (rollout.engine=vllm)."""
 

@@ -118,7 +118,7 @@ def stop_token_ids(lm, tokenizer) -> list[int]:
 @torch.no_grad()
 def play(lm, tokenizer, fmt: ChatFormat, envs: Sequence, seeds: Sequence[int], *, max_turns: int,
          max_new_tokens: int, max_episode_tokens: int, temperature: float, device: torch.device,
-         on_error=None, any_rank_active=None) -> list[Trajectory]:
+         on_error=None, any_rank_active=None, generate=None) -> list[Trajectory]:
     """Play one episode per environment, batched over the episodes still running.
 
     ``temperature == 0`` decodes greedily. Sampling draws from torch's global generator:
@@ -127,9 +127,21 @@ def play(lm, tokenizer, fmt: ChatFormat, envs: Sequence, seeds: Sequence[int], *
     ``any_rank_active(bool) -> bool`` turns on synced generation for parameters sharded over
     ranks (ZeRO-3): every rank calls ``generate`` (``synced_gpus=True``) as many times as the
     rank with the longest episodes, on a one-token dummy batch once its own episodes are over.
+
+    ``generate`` replaces ``lm.generate`` for the agent's turns (e.g. a vLLM engine,
+    :mod:`atod_fast.vllm_rollout`): ``generate(prompts, *, episode_seeds, turn, stop_ids,
+    max_new_tokens, temperature)`` gets one token list per running episode (the episode so far,
+    never re-tokenized) and returns, in order, ``(token_ids, logprobs)`` per episode: at most
+    ``max_new_tokens`` sampled ids, ending with a stop id when one was sampled, and their
+    log-probs under the sampling distribution. Everything else (stop handling, bookkeeping,
+    environment steps) is shared, so the trajectories have the same layout whichever engine
+    samples.
     """
     from transformers import GenerationConfig
 
+    if generate is not None and any_rank_active is not None:
+        raise ValueError("play: generate and any_rank_active exclude each other (synced generation is for "
+                         "lm.generate over sharded parameters)")
     stop = stop_token_ids(lm, tokenizer)
     pad = tokenizer.pad_token_id
     gen_cfg = GenerationConfig(
@@ -161,31 +173,23 @@ def play(lm, tokenizer, fmt: ChatFormat, envs: Sequence, seeds: Sequence[int], *
                 continue
         if not active:
             break
-        lengths = [len(trajs[i].tokens) for i in active]
-        width = max(lengths)
-        ids = torch.full((len(active), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(active), width), dtype=torch.long)
-        for row, i in enumerate(active):  # left padding: every row's next token is at the same column
-            ids[row, width - lengths[row]:] = torch.tensor(trajs[i].tokens)
-            mask[row, width - lengths[row]:] = 1
-        out = lm.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg,
-                          **({"synced_gpus": True} if synced else {}))
-        new = out.sequences[:, width:].cpu()
-        logits = torch.stack(out.logits, dim=1).float().cpu()  # [b, n_new, V]
-        if temperature > 0:
-            logits = logits / temperature
-        logp = torch.log_softmax(logits, dim=-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
+        if generate is None:
+            outs = _hf_generate(lm, [trajs[i].tokens for i in active], gen_cfg, pad=pad, temperature=temperature,
+                                device=device, synced=synced)
+        else:
+            outs = generate([list(trajs[i].tokens) for i in active], episode_seeds=[trajs[i].seed for i in active],
+                            turn=turn, stop_ids=stop, max_new_tokens=max_new_tokens, temperature=temperature)
+            _check_generated(outs, len(active), max_new_tokens)
         still = []
-        for row, i in enumerate(active):
+        for (seq, seq_logp), i in zip(outs, active, strict=True):
             t = trajs[i]
-            seq = new[row].tolist()
             n = len(seq)
             ended_with = None
             for k, tok in enumerate(seq):
                 if tok in stop:
                     n, ended_with = k + 1, tok
                     break
-            t._append(seq[:n], action=True, turn=turn, logprobs=logp[row, :n].tolist())
+            t._append(seq[:n], action=True, turn=turn, logprobs=seq_logp[:n])
             t.turn_last_token.append(len(t.tokens) - 1)
             text = tokenizer.decode(seq[:n - 1] if ended_with is not None else seq[:n], skip_special_tokens=True)
             t.actions.append(text)
@@ -215,6 +219,35 @@ def play(lm, tokenizer, fmt: ChatFormat, envs: Sequence, seeds: Sequence[int], *
     if was_training:
         lm.train()
     return trajs
+
+
+def _hf_generate(lm, prompts: list[list[int]], gen_cfg, *, pad: int, temperature: float, device: torch.device,
+                 synced: bool) -> list[tuple[list[int], list[float]]]:
+    """One batched ``lm.generate`` (KV cache within the turn): (new token ids, their log-probs) per prompt."""
+    lengths = [len(p) for p in prompts]
+    width = max(lengths)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):  # left padding: every row's next token is at the same column
+        ids[row, width - lengths[row]:] = torch.tensor(p)
+        mask[row, width - lengths[row]:] = 1
+    out = lm.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg,
+                      **({"synced_gpus": True} if synced else {}))
+    new = out.sequences[:, width:].cpu()
+    logits = torch.stack(out.logits, dim=1).float().cpu()  # [b, n_new, V]
+    if temperature > 0:
+        logits = logits / temperature
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
+    return list(zip(new.tolist(), logp.tolist(), strict=True))
+
+
+def _check_generated(outs, n: int, max_new_tokens: int) -> None:
+    if len(outs) != n:
+        raise RuntimeError(f"generate returned {len(outs)} completions for {n} prompts")
+    for ids, lps in outs:
+        if not 1 <= len(ids) <= max_new_tokens or len(lps) != len(ids):
+            raise RuntimeError(f"generate returned {len(ids)} tokens with {len(lps)} log-probs; expected 1 to "
+                               f"max_new_tokens={max_new_tokens} tokens, one log-prob each")
 
 
 ROLLOUT_SUMS = ("episodes", "reward", "success", "turns", "invalid", "truncated", "errors", "tokens")

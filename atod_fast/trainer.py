@@ -19,6 +19,7 @@ a run resumed from a checkpoint takes exactly the steps an uninterrupted run tak
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 import time
@@ -135,16 +136,14 @@ class Trainer:
             raise ConfigError(f"rollout.episodes_per_step: expected at least one episode per rank (>= "
                               f"{self.dist.world}), got {cfg.rollout.episodes_per_step}")
         if cfg.rollout.engine == "vllm":
-            import importlib.util
+            from .vllm_rollout import check_available
 
-            if importlib.util.find_spec("vllm") is None:
-                raise ConfigError("rollout.engine: vllm is not installed (pip install vllm, on a CUDA machine); "
-                                  "use rollout.engine=hf")
-            raise ConfigError("rollout.engine: vLLM rollouts are not implemented yet; use rollout.engine=hf")
+            check_available(self.device)
         self.dist.init(self.device)
         self.resume_from = self._find_resume(resume)
         self.start_step = 0
         self.nonfinite_streak = 0
+        self.vllm = None
 
     # ----------------------------------------------------------------- setup
     def _find_resume(self, resume: str | None) -> Path | None:
@@ -228,6 +227,32 @@ class Trainer:
         self.vocab_size = None
         if teacher is not None and lm_head(teacher)[0].shape[0] != w_s.shape[0]:
             self.vocab_size = len(tok)  # heads padded to different sizes over one tokenizer
+        if cfg.rollout.engine == "vllm":
+            self.vllm = self._build_vllm(lm, tok)
+            self.sync_vllm()  # also brings in the weights of a resumed checkpoint
+
+    def _build_vllm(self, lm, tok):
+        """One colocated vLLM engine on this rank's GPU over the student's architecture (weights: the next sync)."""
+        from .vllm_rollout import VllmGenerator, export_config
+
+        cfg = self.cfg
+        keep, model = None, cfg.model.student
+        if model == BUILTIN:  # in memory only: vLLM reads its config and tokenizer from a folder
+            keep = export_config(lm, tok)
+            model = keep.name
+        # bf16 whatever model.dtype says: on CUDA the student's forwards run under bf16 autocast (or in bf16
+        # weights), so that is the distribution it trains on; vLLM's attention kernels want 16-bit weights too.
+        return VllmGenerator.create(model=model, dtype="bfloat16",
+                                    gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization,
+                                    max_model_len=cfg.rollout.max_episode_tokens,
+                                    seed=(cfg.seed + self.dist.rank) % (1 << 31),
+                                    trust_remote_code=cfg.model.trust_remote_code, keep_alive=keep)
+
+    def sync_vllm(self) -> list[str]:
+        """The student LM's parameters (not the value head) into the vLLM engine: at setup and after every update."""
+        lm = self.models.policy.lm
+        return self.vllm.sync_weights(lm.named_parameters(),
+                                      gathered=self.engine.gathered if self.engine.zero3 else None)
 
     @staticmethod
     def _load_weights(policy: Policy, ckpt: Path) -> None:
@@ -253,10 +278,13 @@ class Trainer:
         seeds = train_seeds(cfg.seed, step, cfg.rollout.episodes_per_step)[d.rank::d.world]
         envs = [cfg.env.make() for _ in seeds]
         torch.manual_seed((step_seed(cfg.seed, step) + 1_000_003 * d.rank) % (1 << 62))
+        generate = None
+        if self.vllm is not None:  # each request seeded from (step, episode seed, turn): ranks differ by episode
+            generate = functools.partial(self.vllm.generate, base_seed=step_seed(cfg.seed, step, salt=2))
         return play(self.models.policy.lm, self.models.tokenizer, self.fmt, envs, seeds, max_turns=self.max_turns,
                     max_new_tokens=cfg.rollout.max_new_tokens, max_episode_tokens=cfg.rollout.max_episode_tokens,
                     temperature=cfg.rollout.temperature, device=self.device,
-                    any_rank_active=d.any if self.engine.zero3 else None)
+                    any_rank_active=d.any if self.engine.zero3 and generate is None else None, generate=generate)
 
     def _autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
@@ -435,6 +463,8 @@ class Trainer:
         t1 = time.perf_counter()
         data = self.prepare(step, trajs)
         metrics = self.update(step, data)
+        if self.vllm is not None:  # the next rollout samples from the updated student
+            self.sync_vllm()
         t2 = time.perf_counter()
         # Every rank's share, added up: the logged numbers are those of the global batch.
         lam = data["lam"]
