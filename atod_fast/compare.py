@@ -116,11 +116,12 @@ def run_finished(cfg: TrainConfig) -> bool:
             and (run / "checkpoints" / f"step-{cfg.max_steps:06d}" / "meta.json").is_file())
 
 
-def curve(cfg: TrainConfig) -> list[tuple[int, float]]:
+def curve(cfg: TrainConfig, key: str = "heldout_success_rate") -> list[tuple[int, float]]:
+    """(step, held-out metric) at every evaluation point of a run; ``key``: heldout_success_rate or
+    heldout_reward_mean."""
     from .metrics import read_metrics
 
-    return [(r["step"], r["heldout_success_rate"]) for r in read_metrics(cfg.output_dir)
-            if "heldout_success_rate" in r]
+    return [(r["step"], r[key]) for r in read_metrics(cfg.output_dir) if key in r]
 
 
 # ---------------------------------------------------------------- evaluation in this process
@@ -189,6 +190,7 @@ def run_grid(grid: Grid, *, log=print) -> dict:
     teacher, before = baseline_evals(grid, log)
     todo = [(m, s) for s in grid.seeds for m in grid.trained() if not run_finished(configs[m, s])]
     total, n_done = len(configs), len(configs) - len(todo)
+    n_before = n_done
     if n_done:
         log(f"{n_done} of {total} runs already finished; skipping them")
     running: dict[tuple[str, int], tuple[subprocess.Popen, float, object]] = {}
@@ -225,12 +227,43 @@ def run_grid(grid: Grid, *, log=print) -> dict:
             per = (time.perf_counter() - t_grid) / max(sum(1 for k in wall if k not in failed), 1)
             log(f"[{n_done}/{total}] {m} seed {s}: held-out success {curve(configs[key])[-1][1]:.3f} "
                 f"({wall[key]:.0f} s; about {per * left / 60:.0f} min left)")
-    results = collect(grid, configs, teacher, before, wall, failed, wall_s=time.perf_counter() - t_start)
+    previous = _previous_results(grid.output_dir)
+    for (m, s), w in _previous_run_walls(previous).items():
+        wall.setdefault((m, s), w)  # runs finished by an earlier invocation keep their own time
+    invocation = {"wall_s": time.perf_counter() - t_start, "commit": _git_commit(),
+                  "runs_trained": total - n_before - len(failed), "runs_failed": len(failed)}
+    results = collect(grid, configs, teacher, before, wall, failed, wall_s=invocation["wall_s"])
+    results["invocations"] = [*_previous_invocations(previous), invocation]
     results["written"] = [str(p) for p in write_report(grid.output_dir, results, log=log)]
     return results
 
 
 # ---------------------------------------------------------------- results
+def _previous_results(out: Path) -> dict | None:
+    try:
+        return json.loads((out / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _previous_invocations(prev: dict | None) -> list[dict]:
+    """Earlier invocations of this grid (results.json written before ``invocations`` existed: one)."""
+    if prev is None:
+        return []
+    if "invocations" in prev:
+        return prev["invocations"]
+    n = sum(len(v) for v in prev.get("runs", {}).values())
+    return [{"wall_s": prev["wall_s"], "commit": prev.get("commit"), "runs_trained": n,
+             "runs_failed": len(prev.get("failed", {}))}]
+
+
+def _previous_run_walls(prev: dict | None) -> dict[tuple[str, int], float]:
+    if prev is None:
+        return {}
+    return {(m, int(s)): r["wall_s"] for m, per in prev.get("runs", {}).items() for s, r in per.items()
+            if r.get("wall_s") is not None}
+
+
 def _git_commit() -> str | None:
     here = Path(__file__).resolve().parent
     try:
@@ -276,12 +309,13 @@ def collect(grid: Grid, configs: dict, teacher: dict | None, before: dict[int, d
             if not run_finished(cfg):
                 continue
             pts = [(0, before[s]["success_rate"]), *curve(cfg)]
+            rew = [(0, before[s]["reward_mean"]), *curve(cfg, "heldout_reward_mean")]
             runs[m][str(s)] = {"curve": pts, "final": pts[-1][1],
                                "mean_over_steps": statistics.fmean(y for x, y in pts if x > 0),
-                               "wall_s": wall.get((m, s))}
+                               "reward_curve": rew, "final_reward": rew[-1][1], "wall_s": wall.get((m, s))}
         if runs[m]:
-            summary[m] = {"final": _spread([r["final"] for r in runs[m].values()]),
-                          "mean_over_steps": _spread([r["mean_over_steps"] for r in runs[m].values()])}
+            summary[m] = {k: _spread([r[key] for r in runs[m].values()]) for k, key in (
+                ("final", "final"), ("mean_over_steps", "mean_over_steps"), ("final_reward", "final_reward"))}
     base = configs[grid.trained()[0], grid.seeds[0]] if grid.trained() else None
     if teacher is not None:
         p, n = teacher["success_rate"], teacher["episodes"]
@@ -302,32 +336,42 @@ def collect(grid: Grid, configs: dict, teacher: dict | None, before: dict[int, d
 def format_markdown(res: dict) -> str:
     n_seeds = len(res["seeds"])
     lines = [f"| method | final held-out success (mean ± std over {n_seeds} seeds) | per seed | "
-             "mean over eval points | λ |", "|---|---|---|---|---|"]
+             "mean over eval points | final held-out reward | λ |", "|---|---|---|---|---|---|"]
     t = res.get("teacher")
     if t is not None:
-        lines.append(f"| teacher | {t['success_rate']:.3f} ± {t['stderr']:.3f} (binomial s.e.) | — | — | — |")
+        lines.append(f"| teacher | {t['success_rate']:.3f} ± {t['stderr']:.3f} (binomial s.e.) | — | — | "
+                     f"{t['reward_mean']:.3f} | — |")
     for m, desc in res["methods"].items():
         if m == "teacher":
             continue
         s = res["summary"].get(m)
         if s is None:
-            lines.append(f"| {m} | not finished | | | {desc} |")
+            lines.append(f"| {m} | not finished | | | | {desc} |")
             continue
         per = ", ".join(f"{r['final']:.3f}" for r in res["runs"][m].values())
-        f, a = s["final"], s["mean_over_steps"]
+        f, a, r = s["final"], s["mean_over_steps"], s["final_reward"]
         lines.append(f"| {m} | {f['mean']:.3f} ± {f['std']:.3f} | {per} | {a['mean']:.3f} ± {a['std']:.3f} | "
-                     f"{desc} |")
+                     f"{r['mean']:.3f} ± {r['std']:.3f} | {desc} |")
     env = res["env"] or {}
     mach = res["machine"]
     lines += ["", f"{env.get('name')} {env.get('kwargs')}; {res['max_steps']} steps × {res['episodes_per_step']} "
               f"episodes per run, held-out evaluation every {res['eval_every']} steps on {res['eval_episodes']} "
               f"episodes; seeds {res['seeds']}; overrides {res['overrides'] or 'none'}.",
-              f"Wall time {res['wall_s'] / 60:.1f} min with {res['jobs']} run(s) at a time on {mach['cpu']} "
+              f"Wall time {_wall_text(res)} with {res['jobs']} run(s) at a time on {mach['cpu']} "
               f"({mach['cpu_count']} cores, GPU: {mach['gpu'] or 'none'}, torch {mach['torch']}); "
-              f"commit {res['commit']}."]
+              f"report written at commit {res['commit']}."]
     if res["failed"]:
         lines.append(f"Failed runs: {res['failed']}")
     return "\n".join(lines) + "\n"
+
+
+def _wall_text(res: dict) -> str:
+    """Wall time per invocation that trained something (a resumed or re-reported grid has several)."""
+    calls = res.get("invocations") or [{"wall_s": res["wall_s"], "commit": res["commit"], "runs_trained": None}]
+    parts = [f"{c['wall_s'] / 60:.1f} min" + (f" ({c['runs_trained']} runs trained, commit {c['commit']})"
+                                              if c.get("runs_trained") is not None else "")
+             for c in calls if c.get("runs_trained") or len(calls) == 1]
+    return " + ".join(parts) or "0 min (every run had finished before)"
 
 
 def plot(res: dict, out: Path) -> list[Path]:
@@ -341,26 +385,11 @@ def plot(res: dict, out: Path) -> list[Path]:
     paths = []
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     t = res.get("teacher")
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for i, (m, per_seed) in enumerate(res["runs"].items()):
-        if not per_seed:
-            continue
-        curves = [dict(r["curve"]) for r in per_seed.values()]
-        steps = sorted(set.intersection(*(set(c) for c in curves)))
-        ys = [[c[x] for c in curves] for x in steps]
-        mean = [statistics.fmean(y) for y in ys]
-        c = colors[i % len(colors)]
-        ax.plot(steps, mean, color=c, lw=1.8, marker="o", ms=3, label=f"{m} (n={len(curves)})")
-        ax.fill_between(steps, [min(y) for y in ys], [max(y) for y in ys], color=c, alpha=0.15, lw=0)
-    if t is not None:
-        ax.axhline(t["success_rate"], color="k", ls="--", lw=1.2, label="teacher")
-    ax.set(xlabel="training step", ylabel="held-out success rate", ylim=(-0.02, 1.02),
-           title=f"{(res['env'] or {}).get('name')}: mean over seeds, band = min..max")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out / "success_vs_step.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    curves = [("curve", "success_rate", "held-out success rate", "success_vs_step.png")]
+    if _reward_is_not_success(res):  # e.g. partial credit for a lost game: worth its own plot
+        curves.append(("reward_curve", "reward_mean", "held-out reward (mean)", "reward_vs_step.png"))
+    for key, teacher_key, ylabel, name in curves:
+        paths.append(_curve_plot(plt, res, key, t[teacher_key] if t else None, ylabel, out / name, colors))
 
     fig, ax = plt.subplots(figsize=(7, 3.6))
     names = [m for m in res["runs"] if res["runs"][m]]
@@ -380,6 +409,36 @@ def plot(res: dict, out: Path) -> list[Path]:
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
     return paths
+
+
+def _reward_is_not_success(res: dict) -> bool:
+    return any(abs(a[1] - b[1]) > 1e-9 for per in res["runs"].values() for r in per.values()
+               for a, b in zip(r["curve"], r.get("reward_curve", r["curve"]), strict=True))
+
+
+def _curve_plot(plt, res: dict, key: str, teacher: float | None, ylabel: str, path: Path, colors) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for i, (m, per_seed) in enumerate(res["runs"].items()):
+        if not per_seed:
+            continue
+        curves = [dict(r[key]) for r in per_seed.values()]
+        steps = sorted(set.intersection(*(set(c) for c in curves)))
+        ys = [[c[x] for c in curves] for x in steps]
+        mean = [statistics.fmean(y) for y in ys]
+        c = colors[i % len(colors)]
+        ax.plot(steps, mean, color=c, lw=1.8, marker="o", ms=3, label=f"{m} (n={len(curves)})")
+        ax.fill_between(steps, [min(y) for y in ys], [max(y) for y in ys], color=c, alpha=0.15, lw=0)
+    if teacher is not None:
+        ax.axhline(teacher, color="k", ls="--", lw=1.2, label="teacher")
+    ax.set(xlabel="training step", ylabel=ylabel,
+           title=f"{(res['env'] or {}).get('name')}: mean over seeds, band = min..max")
+    if key == "curve":
+        ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def write_report(out: Path, res: dict, *, log=print) -> list[Path]:

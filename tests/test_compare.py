@@ -49,6 +49,9 @@ def test_tiny_grid_writes_results_and_methods_differ_only_in_schedule(tmp_path, 
         assert run["final"] == run["curve"][-1][1]
         rows = read_metrics(out / "runs" / m / "seed3")
         assert [r["heldout_success_rate"] for r in rows] == [y for _, y in run["curve"][1:]]
+        assert [r["heldout_reward_mean"] for r in rows] == [y for _, y in run["reward_curve"][1:]]
+        assert run["final_reward"] == run["reward_curve"][-1][1]
+        assert [s for s, _ in run["reward_curve"]] == [0, 1, 2]
         assert res["summary"][m]["final"]["n"] == 1
     # The initial student is one model per seed, whatever the method.
     assert res["runs"]["opd"]["3"]["curve"][0] == res["runs"]["atod"]["3"]["curve"][0]
@@ -56,7 +59,8 @@ def test_tiny_grid_writes_results_and_methods_differ_only_in_schedule(tmp_path, 
     md = (out / "results.md").read_text()
     assert [ln.split(" |")[0] for ln in md.splitlines() if ln.startswith("| ")] == [
         "| method", "| teacher", "| opd", "| atod"]
-    assert "commit" in md and "Wall time" in md
+    assert "commit" in md and "Wall time" in md and "final held-out reward" in md
+    assert [c["runs_trained"] for c in res["invocations"]] == [2]
     for png in ("success_vs_step.png", "final_success.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -75,6 +79,11 @@ def test_tiny_grid_writes_results_and_methods_differ_only_in_schedule(tmp_path, 
     assert (a / "metrics.jsonl").stat().st_mtime_ns == mtime
     again = json.loads((out / "results.json").read_text())
     assert again["runs"]["opd"]["3"]["curve"] == res["runs"]["opd"]["3"]["curve"]
+    # The report keeps the time of the invocation that trained the runs, and each run's own time.
+    assert [c["runs_trained"] for c in again["invocations"]] == [2, 0]
+    assert again["invocations"][0] == res["invocations"][0]
+    assert again["runs"]["atod"]["3"]["wall_s"] == res["runs"]["atod"]["3"]["wall_s"] > 0
+    assert f"{res['wall_s'] / 60:.1f} min (2 runs trained" in (out / "results.md").read_text()
 
 
 def test_methods_are_schedules_only():
