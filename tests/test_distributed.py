@@ -131,6 +131,32 @@ def test_zero3_train_writes_one_log_and_a_plain_hf_export(zero3_runs):
     assert (run / "eval.json").is_file()
 
 
+@pytest.fixture(scope="module", params=["ddp", pytest.param("zero2", marks=needs_ds)])
+def cli_run(request, env, tmp_path_factory):
+    """``atod-fast train`` end to end under the other engines (ZeRO-3 has its own fixture above)."""
+    engine = request.param
+    root = tmp_path_factory.mktemp(f"cli-{engine}")
+    dist = ["distributed.engine=ddp"] if engine == "ddp" else ["distributed.engine=deepspeed",
+                                                               "distributed.zero_stage=2"]
+    torchrun(env, root, 2, "cli", str(root), "--", "train", "--output-dir", str(root / "run"), "--max-steps", "2",
+             *TINY, *dist)
+    return root / "run"
+
+
+def test_train_end_to_end_under_ddp_and_zero2(cli_run):
+    from transformers import AutoModelForCausalLM
+
+    from atod_fast.metrics import read_metrics
+
+    rows = read_metrics(cli_run)
+    assert [m["step"] for m in rows] == [1, 2]
+    assert all(m["skipped_updates"] == 0 for m in rows)
+    ckpt = cli_run / "checkpoints/step-000002"
+    assert json.loads((ckpt / "meta.json").read_text())["world_size"] == 2
+    AutoModelForCausalLM.from_pretrained(ckpt / "student")
+    assert (cli_run / "eval.json").is_file()
+
+
 @needs_ds
 def test_resume_from_a_zero3_checkpoint_continues_exactly(zero3_runs):
     a = zero3_runs / "full/run/checkpoints/step-000002"
