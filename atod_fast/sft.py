@@ -25,7 +25,7 @@ from .seeds import demo_seeds
 log = logging.getLogger("atod_fast")
 
 # Bump when the way the built-in teacher is made changes: cached teachers are rebuilt.
-BUILTIN_TEACHER_VERSION = 1
+BUILTIN_TEACHER_VERSION = 2
 
 
 def make_expert_env(env_cfg: EnvConfig, error_rate: float):

@@ -6,6 +6,15 @@ turn of the conversation carries just the game's reply. The reward is textarena'
 player-0 reward, given when the game ends; ``success`` means a win (reward 1: a lost game
 may still earn partial credit).
 
+``max_turns`` is handed to the game itself when it takes one (GuessTheNumber does), so that
+a game that runs out of turns ends by the game's own rule with the game's own reward. Cutting
+such a game short here instead would pay 0 where textarena pays partial credit, and a policy
+learning from the reward finds that ending the game with invalid moves (which textarena also
+pays partial credit for) beats playing on. textarena checks its turn limit before counting the
+current turn, so a game made with ``max_turns=k`` allows k + 1 moves: the adapter passes
+``max_turns - 1`` (the game's prompt then names one turn fewer than the agent gets). Games
+without a turn parameter are cut here after ``max_turns`` turns, as a loss with reward 0.
+
 textarena seeds Python's global ``random`` in ``reset``; the adapter restores the global
 state afterwards so that it cannot disturb the trainer's own random streams.
 
@@ -36,6 +45,16 @@ _RANGE = re.compile(r"between (-?\d+) and (-?\d+)")
 _EXPERT_GAMES = ("GuessTheNumber",)
 
 
+def _takes_max_turns(textarena, env_id: str) -> bool:
+    """Whether the registered game has a ``max_turns`` argument (textarena's registry keeps each id's kwargs)."""
+    from textarena.envs.registration import ENV_REGISTRY
+
+    spec = ENV_REGISTRY.get(env_id)
+    if spec is None:
+        raise ValueError(f"env_id: {env_id!r} is not a registered textarena environment")
+    return "max_turns" in spec.kwargs
+
+
 class TextArenaEnv:
     """A textarena single-player game as an atod-fast environment."""
 
@@ -56,6 +75,7 @@ class TextArenaEnv:
                 raise ValueError(f"expert_error_rate must be in [0, 1], got {expert_error_rate!r}")
         self._ta = textarena
         self.env_id, self.max_turns = env_id, max_turns
+        self._make_kwargs = {"max_turns": max_turns - 1} if _takes_max_turns(textarena, env_id) else {}
         self.expert_error_rate = expert_error_rate
         self._env = None
         self._done = True
@@ -63,7 +83,7 @@ class TextArenaEnv:
     def reset(self, seed: int) -> str:
         state = random.getstate()
         try:
-            self._env = self._ta.make(self.env_id)
+            self._env = self._ta.make(self.env_id, **self._make_kwargs)
             self._env.reset(num_players=1, seed=seed)
         finally:
             random.setstate(state)
@@ -100,7 +120,7 @@ class TextArenaEnv:
             return new, 0.0, False, {"invalid": "invalid" in new.lower()}
         self._done = True
         if not done:
-            # Our turn limit ended a game that textarena would have let go on: a failure.
+            # A game without a turn argument, cut here: a loss (the game has no reward to give for it).
             return "Out of turns.", 0.0, True, {"success": False, "invalid": False, "turns": self._turn}
         rewards, game_info = self._env.close()
         reward = float(rewards.get(0, 0.0))
