@@ -2,22 +2,10 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
-from atod_fast.config import TinyArch
 from atod_fast.envs import GuessNumberEnv, make
-from atod_fast.models import build_tokenizer, tiny_llama
 from atod_fast.rollout import ChatFormat, play, stop_token_ids
-
-
-@pytest.fixture(scope="module")
-def tok_and_lm():
-    env = make("guess_number")
-    corpus = [env.reset(s) for s in range(20)] + ["Higher.", "Lower.", "Correct, it was 7."] * 20
-    tok = build_tokenizer(corpus, 300)
-    lm = tiny_llama(TinyArch(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64), tok, seed=0)
-    return tok, lm
 
 
 def test_chat_format_matches_the_rendered_conversation(tok_and_lm):

@@ -23,7 +23,7 @@ from atod_fast import vllm_rollout
 from atod_fast.cli import main
 from atod_fast.config import ConfigError, TinyArch, load_train_config
 from atod_fast.envs import make
-from atod_fast.models import build_tokenizer, tiny_llama
+from atod_fast.models import tiny_llama
 from atod_fast.rollout import ChatFormat, play, stop_token_ids
 from atod_fast.vllm_rollout import VllmGenerator, WeightSyncExtension, export_config
 
@@ -33,15 +33,6 @@ TINY = [
     "model.student_arch.num_heads=2", "rollout.episodes_per_step=4", "rollout.max_turns=3", "eval.episodes=8",
     "logging.progress=false", "logging.tensorboard=false",
 ]
-
-
-@pytest.fixture(scope="module")
-def tok_and_lm():
-    env = make("guess_number")
-    corpus = [env.reset(s) for s in range(20)] + ["Higher.", "Lower.", "Correct, it was 7."] * 20
-    tok = build_tokenizer(corpus, 300)
-    lm = tiny_llama(TinyArch(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64), tok, seed=0)
-    return tok, lm
 
 
 @pytest.fixture(scope="module")
