@@ -1,4 +1,9 @@
-"""How held-out games end for final students of a compare grid: win, out of turns, or quit by invalid moves."""
+"""How held-out games of textarena's GuessTheNumber end for a compare grid's final students (step 30): a win,
+out of turns, or quit by two invalid moves.
+
+Usage: python textarena_endings.py GRID_DIR OUT.json (GRID_DIR/endings.json in textarena/ and
+investigation/textarena-quit-for-credit/ were written by it, with the adapter of each grid's commit).
+"""
 import collections, json, sys
 import torch
 from unittest import mock
