@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from rollout_cases import turn_spans
 
 from atod_fast.envs import GuessNumberEnv, make
 from atod_fast.rollout import ChatFormat, play, stop_token_ids
@@ -31,13 +32,7 @@ def test_chat_format_matches_the_rendered_conversation(tok_and_lm):
 def _check_bookkeeping(t, tok, fmt, max_new_tokens):
     n = len(t.tokens)
     assert len(t.action_mask) == len(t.turn_idx) == len(t.behaviour_logprobs) == n
-    spans, start = [], None
-    for i, a in enumerate([*t.action_mask, False]):
-        if a and start is None:
-            start = i
-        elif not a and start is not None:
-            spans.append((start, i))
-            start = None
+    spans = turn_spans(t)
     assert len(spans) == t.num_turns == len(t.actions) == len(t.turn_last_token)
     for k, (s, e) in enumerate(spans):
         assert e - s <= max_new_tokens

@@ -18,6 +18,7 @@ import sys
 import fake_vllm
 import pytest
 import torch
+from rollout_cases import turn_spans
 
 from atod_fast import vllm_rollout
 from atod_fast.cli import main
@@ -77,24 +78,13 @@ def _student(tr) -> dict[str, torch.Tensor]:
     return {n: p.detach().to(torch.bfloat16) for n, p in tr.models.policy.lm.named_parameters()}
 
 
-def _turn_spans(t) -> list[tuple[int, int]]:
-    spans, start = [], None
-    for i, a in enumerate([*t.action_mask, False]):
-        if a and start is None:
-            start = i
-        elif not a and start is not None:
-            spans.append((start, i))
-            start = None
-    return spans
-
-
 def _check_trajectories_against_requests(trajs, requests, fmt, max_new_tokens):
     """Every agent turn is exactly one request, in play's order (turn by turn, running episodes in order): its
     prompt is the episode so far (token ids as they are, never re-tokenized) and the turn's tokens are the ids
     the engine sampled, cut after the first stop id."""
     assert len(requests) == sum(t.num_turns for t in trajs)
     it = iter(requests)
-    spans = [_turn_spans(t) for t in trajs]
+    spans = [turn_spans(t) for t in trajs]
     for k in range(max(t.num_turns for t in trajs)):
         for t, sp in zip(trajs, spans, strict=True):
             if t.num_turns <= k:
