@@ -1,9 +1,9 @@
 """atod-fast: Annealed Turn-aware On-policy Distillation for multi-turn LLM agents."""
 
 from ._version import __version__
-from .gae import compute_gae, group_advantages, masked_whiten, turn_rewards_to_tokens
-from .losses import AtodLoss, AtodLossOutput, atod_loss, fused_logprobs_entropy
-from .schedule import AnnealSchedule
+from .ops.gae import compute_gae, group_advantages, masked_whiten, turn_rewards_to_tokens
+from .ops.losses import AtodLoss, AtodLossOutput, atod_loss, fused_logprobs_entropy
+from .ops.schedule import AnnealSchedule
 
 __all__ = [
     "AnnealSchedule",

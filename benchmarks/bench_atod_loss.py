@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from atod_fast import atod_loss
-from atod_fast.losses.api import BACKENDS, triton_available
+from atod_fast.ops.losses.api import BACKENDS, triton_available
 
 GPU_SHAPES = [  # (N, H, Ht, V)
     (4096, 4096, 4096, 128256), (8192, 4096, 4096, 128256), (16384, 4096, 4096, 128256),  # Liger's

@@ -12,9 +12,9 @@ if not torch.cuda.is_available():
 @pytest.fixture(scope="module")
 def tok_and_lm():
     """A tiny Llama and a tokenizer fitted to guess_number's text (rollout tests)."""
-    from atod_fast.config import TinyArch
     from atod_fast.envs import make
-    from atod_fast.models import build_tokenizer, tiny_llama
+    from atod_fast.trainer.config import TinyArch
+    from atod_fast.trainer.models import build_tokenizer, tiny_llama
 
     env = make("guess_number")
     corpus = [env.reset(s) for s in range(20)] + ["Higher.", "Lower.", "Correct, it was 7."] * 20

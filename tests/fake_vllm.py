@@ -1,4 +1,4 @@
-"""A stand-in for the part of vLLM's offline API that ``atod_fast.vllm_rollout`` calls, for CPU tests.
+"""A stand-in for the part of vLLM's offline API that ``atod_fast.trainer.vllm_rollout`` calls, for CPU tests.
 
 It implements only that surface, with vLLM's names and semantics as documented: ``LLM(model,
 **engine_args)`` (unknown arguments refused), ``LLM.generate`` over ``{"prompt_token_ids": ...}``

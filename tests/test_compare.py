@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from atod_fast.cli import main
-from atod_fast.compare import METHODS, Grid
-from atod_fast.config import ConfigError, load_train_config
-from atod_fast.metrics import read_metrics
+from atod_fast.cli.compare import METHODS, Grid
+from atod_fast.trainer.config import ConfigError, load_train_config
+from atod_fast.trainer.metrics import read_metrics
 
 TINY = [
     "sft.steps=20", "sft.episodes=64", "sft.batch_size=8", "sft.arch.hidden_size=32", "sft.arch.intermediate_size=64",

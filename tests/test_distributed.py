@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from atod_fast.config import ConfigError, load_train_config
+from atod_fast.trainer.config import ConfigError, load_train_config
 
 WORKER = Path(__file__).parent / "dist" / "worker.py"
 HAS_DS = importlib.util.find_spec("deepspeed") is not None
@@ -36,7 +36,7 @@ TINY = [
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """A private teacher cache filled once, and one DeepSpeed op build directory for every run."""
-    from atod_fast.trainer import teacher_location
+    from atod_fast.trainer.loop import teacher_location
 
     cache = tmp_path_factory.mktemp("cache")
     e = {**os.environ, "ATOD_FAST_CACHE": str(cache), "OMP_NUM_THREADS": "1",
@@ -114,8 +114,8 @@ def zero3_runs(env, tmp_path_factory):
 def test_zero3_train_writes_one_log_and_a_plain_hf_export(zero3_runs):
     from transformers import AutoModelForCausalLM
 
-    from atod_fast.metrics import read_metrics
-    from atod_fast.models import ValueHead, load_value_head
+    from atod_fast.trainer.metrics import read_metrics
+    from atod_fast.trainer.models import ValueHead, load_value_head
 
     run = zero3_runs / "full/run"
     assert [m["step"] for m in read_metrics(run)] == [1, 2]  # rank 0 alone writes it
@@ -146,7 +146,7 @@ def cli_run(request, env, tmp_path_factory):
 def test_train_end_to_end_under_ddp_and_zero2(cli_run):
     from transformers import AutoModelForCausalLM
 
-    from atod_fast.metrics import read_metrics
+    from atod_fast.trainer.metrics import read_metrics
 
     rows = read_metrics(cli_run)
     assert [m["step"] for m in rows] == [1, 2]
@@ -183,7 +183,7 @@ def test_distributed_config_errors():
 
 
 def test_deepspeed_config_follows_ours():
-    from atod_fast.distributed import deepspeed_config
+    from atod_fast.trainer.distributed import deepspeed_config
 
     cfg = load_train_config(None, ["distributed.engine=deepspeed", "distributed.zero_stage=3",
                                    "distributed.offload_optimizer=true", "distributed.zero3_persistence_threshold=0"])

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from atod_fast import _native, compute_gae
-from atod_fast.gae import gae_reference
+from atod_fast.ops.gae import gae_reference
 
 
 def _cpp_available():
@@ -284,7 +284,7 @@ def test_forced_fallback_warns_once_and_matches():
     code = textwrap.dedent("""
         import warnings, numpy as np, torch
         from atod_fast import compute_gae
-        from atod_fast.gae import gae_reference
+        from atod_fast.ops.gae import gae_reference
         from gae_cases import random_batch
         r, v, cu, m = random_batch(np.random.default_rng(0), [30, 0, 50])
         with warnings.catch_warnings(record=True) as w:

@@ -5,7 +5,7 @@ import torch
 from loss_cases import nan_filled_buffers  # noqa: F401  (autouse fixture)
 
 from atod_fast import fused_logprobs_entropy
-from atod_fast.losses import chunked
+from atod_fast.ops.losses import chunked
 
 BACKENDS = ["torch", "triton", "triton_fused"]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # compiled kernels on a GPU machine

@@ -8,7 +8,7 @@ from loss_cases import make_case as _make_case
 from loss_cases import nan_filled_buffers  # noqa: F401  (autouse fixture)
 
 from atod_fast import AtodLoss, atod_loss
-from atod_fast.losses.api import BACKENDS
+from atod_fast.ops.losses.api import BACKENDS
 
 # Compiled kernels on a GPU machine, Triton's interpreter (conftest.py) elsewhere.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -259,7 +259,7 @@ def test_backward_twice_with_retained_graph():
 
 
 def test_scaled_copy_in_row_blocks():
-    from atod_fast.losses.chunked import scaled_copy
+    from atod_fast.ops.losses.chunked import scaled_copy
 
     src = torch.randn(37, 5)
     dst = torch.full((40, 5), float("nan"), dtype=torch.bfloat16)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from atod_fast.packing import last_hidden_states, pack, resolve_mode
+from atod_fast.trainer.packing import last_hidden_states, pack, resolve_mode
 
 
 def tiny(cls, cfg_cls):

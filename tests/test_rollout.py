@@ -6,7 +6,7 @@ import torch
 from rollout_cases import turn_spans
 
 from atod_fast.envs import GuessNumberEnv, make
-from atod_fast.rollout import ChatFormat, play, stop_token_ids
+from atod_fast.trainer.rollout import ChatFormat, play, stop_token_ids
 
 
 def test_chat_format_matches_the_rendered_conversation(tok_and_lm):

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from atod_fast.cli import main
-from atod_fast.config import ConfigError, load_train_config
-from atod_fast.metrics import REQUIRED_KEYS, read_metrics
+from atod_fast.trainer.config import ConfigError, load_train_config
+from atod_fast.trainer.metrics import REQUIRED_KEYS, read_metrics
 
 TINY = [
     "sft.steps=20", "sft.episodes=64", "sft.batch_size=8", "sft.arch.hidden_size=32", "sft.arch.intermediate_size=64",
@@ -28,7 +28,7 @@ TINY = [
 @pytest.fixture(scope="module", autouse=True)
 def teacher_path(tmp_path_factory):
     """One tiny built-in teacher in a private cache, shared by every test (and their subprocesses)."""
-    from atod_fast.trainer import teacher_location
+    from atod_fast.trainer.loop import teacher_location
 
     old = os.environ.get("ATOD_FAST_CACHE")
     os.environ["ATOD_FAST_CACHE"] = str(tmp_path_factory.mktemp("cache"))
@@ -86,7 +86,7 @@ def test_two_step_default_run_end_to_end(tmp_path, capsys):
     assert set(obj["compare"]) == {"teacher", "student-before"}
 
     # Plots from the same run.
-    from atod_fast.plot import plot_run
+    from atod_fast.cli.plot import plot_run
 
     paths = plot_run(run)
     assert {p.name for p in paths} == {"success.png", "reward.png", "lambda_by_turn.png", "losses.png"}
@@ -160,7 +160,7 @@ def test_env_exceptions_fail_the_episode_not_the_run(tmp_path, teacher_path, cap
 
 
 def test_nonfinite_loss_skips_then_stops(tmp_path, monkeypatch, capsys):
-    import atod_fast.trainer as tr
+    import atod_fast.trainer.loop as tr
 
     real = tr.atod_loss
 
@@ -215,7 +215,7 @@ def test_existing_run_needs_resume(tmp_path, capsys):
 
 
 def test_different_tokenizers_are_refused(teacher_path):
-    from atod_fast.models import build_tokenizer, check_same_tokenizer, load_causal_lm
+    from atod_fast.trainer.models import build_tokenizer, check_same_tokenizer, load_causal_lm
 
     _, tok = load_causal_lm(teacher_path)
     other = build_tokenizer(["completely different text corpus"] * 10, 300)
@@ -226,7 +226,7 @@ def test_different_tokenizers_are_refused(teacher_path):
 
 def test_prepare_places_rewards_and_lambda_per_turn(teacher_path):
     """With γ = λ_GAE = 1 and no whitening, the return of every agent token is its episode's reward-to-go."""
-    from atod_fast.trainer import Trainer
+    from atod_fast.trainer.loop import Trainer
 
     cfg = load_train_config(None, [*TINY, "ppo.gamma=1.0", "ppo.gae_lambda=1.0", "ppo.whiten_advantages=false",
                                    "rollout.episodes_per_step=8", "rollout.max_turns=3"])

@@ -22,11 +22,11 @@ from rollout_cases import turn_spans
 
 from atod_fast import vllm_rollout
 from atod_fast.cli import main
-from atod_fast.config import ConfigError, TinyArch, load_train_config
 from atod_fast.envs import make
-from atod_fast.models import tiny_llama
-from atod_fast.rollout import ChatFormat, play, stop_token_ids
-from atod_fast.vllm_rollout import VllmGenerator, WeightSyncExtension, export_config
+from atod_fast.trainer.config import ConfigError, TinyArch, load_train_config
+from atod_fast.trainer.models import tiny_llama
+from atod_fast.trainer.rollout import ChatFormat, play, stop_token_ids
+from atod_fast.trainer.vllm_rollout import VllmGenerator, WeightSyncExtension, export_config
 
 TINY = [
     "sft.steps=20", "sft.episodes=64", "sft.batch_size=8", "sft.arch.hidden_size=32", "sft.arch.intermediate_size=64",
@@ -39,7 +39,7 @@ TINY = [
 @pytest.fixture(scope="module")
 def teacher_cache(tmp_path_factory):
     """The tiny built-in teacher (the built-in student takes its tokenizer from it), in a private cache."""
-    from atod_fast.trainer import teacher_location
+    from atod_fast.trainer.loop import teacher_location
 
     old = os.environ.get("ATOD_FAST_CACHE")
     os.environ["ATOD_FAST_CACHE"] = str(tmp_path_factory.mktemp("cache"))
@@ -53,7 +53,7 @@ def teacher_cache(tmp_path_factory):
 @pytest.fixture
 def vllm_trainer(monkeypatch, teacher_cache, tmp_path):
     """A set-up Trainer with rollout.engine=vllm on the stand-in (its CUDA requirement lifted for the CPU)."""
-    from atod_fast.trainer import Trainer
+    from atod_fast.trainer.loop import Trainer
 
     fake_vllm.install(monkeypatch)
     monkeypatch.setattr(vllm_rollout, "check_available", lambda device: None)

@@ -29,14 +29,14 @@ ENGINES = {"none": ["distributed.engine=none"], "ddp": ["distributed.engine=ddp"
 def run_losses(out: Path, engines: list[str], overrides: list[str]) -> None:
     from safetensors.torch import save_file
 
-    from atod_fast.config import load_train_config
-    from atod_fast.rollout import play
-    from atod_fast.seeds import train_seeds
+    from atod_fast.trainer.config import load_train_config
+    from atod_fast.trainer.rollout import play
+    from atod_fast.trainer.seeds import train_seeds
 
     results = {}
     for name in engines:
         cfg = load_train_config(None, [*overrides, *ENGINES[name], f"output_dir={out / name}"])
-        from atod_fast.trainer import Trainer
+        from atod_fast.trainer.loop import Trainer
 
         tr = Trainer(cfg)
         tr.setup(progress=False)

@@ -7,8 +7,8 @@ investigation/textarena-quit-for-credit/ were written by it, with the adapter of
 import collections, json, sys
 import torch
 from unittest import mock
-import atod_fast.evaluation as ev
-from atod_fast.models import load_causal_lm
+import atod_fast.trainer.evaluation as ev
+from atod_fast.trainer.models import load_causal_lm
 
 grid = sys.argv[1]
 out = {}

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import ConfigError, TrainConfig, load_train_config
+from ..trainer.config import ConfigError, TrainConfig, load_train_config
 
 # name -> (description, schedule overrides); None: evaluation only (the teacher).
 METHODS: dict[str, tuple[str, list[str] | None]] = {
@@ -108,7 +108,7 @@ class Grid:
 
 
 def run_finished(cfg: TrainConfig) -> bool:
-    from .metrics import read_metrics
+    from ..trainer.metrics import read_metrics
 
     run = Path(cfg.output_dir)
     rows = read_metrics(run)
@@ -119,7 +119,7 @@ def run_finished(cfg: TrainConfig) -> bool:
 def curve(cfg: TrainConfig, key: str = "heldout_success_rate") -> list[tuple[int, float]]:
     """(step, held-out metric) at every evaluation point of a run; ``key``: heldout_success_rate or
     heldout_reward_mean."""
-    from .metrics import read_metrics
+    from ..trainer.metrics import read_metrics
 
     return [(r["step"], r[key]) for r in read_metrics(cfg.output_dir) if key in r]
 
@@ -140,9 +140,9 @@ def baseline_evals(grid: Grid, log) -> tuple[dict | None, dict[int, dict]]:
     """Teacher (built first, so parallel runs never race to build it) and each seed's initial student."""
     import torch
 
-    from .evaluation import evaluate_model
-    from .models import load_causal_lm
-    from .trainer import eval_kwargs, initial_student, resolve_device, set_cpu_threads, teacher_location
+    from ..trainer.evaluation import evaluate_model
+    from ..trainer.loop import eval_kwargs, initial_student, resolve_device, set_cpu_threads, teacher_location
+    from ..trainer.models import load_causal_lm
 
     method = grid.trained()[0] if grid.trained() else "teacher"
     cfg = load_train_config(grid.config, [*grid.common_overrides(), *(METHODS[method][1] or [])])

@@ -17,7 +17,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .schedule import DECAYS
+from ..ops.schedule import DECAYS
 
 
 class ConfigError(ValueError):
@@ -112,7 +112,7 @@ class EnvConfig:
     5 guesses; other environments: their own defaults)."""
 
     def __post_init__(self):
-        from .envs import registered
+        from ..envs import registered
 
         _need(self.name in registered(), "env.name", f"one of {sorted(registered())}", self.name)
 
@@ -121,7 +121,7 @@ class EnvConfig:
 
     def make(self, **extra):
         """A new environment; bad keyword arguments are a ConfigError naming env.kwargs."""
-        from .envs import make
+        from ..envs import make
 
         kwargs = self.resolved_kwargs()
         try:

@@ -89,7 +89,7 @@ def _fail(e: Exception) -> int:
 
 def _resolve_config(loader, args, flags: dict[str, str]):
     """``(config, None)`` to go on with, or ``(None, exit code)`` after a config error or --print-config."""
-    from .config import ConfigError, to_yaml
+    from ..trainer.config import ConfigError, to_yaml
 
     try:
         cfg = loader(args.config, _overrides(args, flags))
@@ -103,13 +103,13 @@ def _resolve_config(loader, args, flags: dict[str, str]):
 
 
 def _cmd_train(args) -> int:
-    from .config import ConfigError, load_train_config
+    from ..trainer.config import ConfigError, load_train_config
 
     cfg, code = _resolve_config(load_train_config, args, {"output_dir": "output_dir", "max_steps": "max_steps",
                                                           "seed": "seed"})
     if cfg is None:
         return code
-    from .trainer import NonFiniteLossError, Trainer
+    from ..trainer.loop import NonFiniteLossError, Trainer
 
     trainer, ok = None, False
     try:
@@ -128,8 +128,8 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from .checkpoint import resolve_checkpoint
-    from .config import ConfigError, load_train_config
+    from ..trainer.checkpoint import resolve_checkpoint
+    from ..trainer.config import ConfigError, load_train_config
 
     try:
         ckpt = resolve_checkpoint(args.checkpoint)
@@ -140,10 +140,10 @@ def _cmd_eval(args) -> int:
     except (ConfigError, ValueError) as e:
         return _fail(e)
     _setup_logging()
-    from .checkpoint import read_meta
-    from .evaluation import evaluate_model, format_table
-    from .models import check_same_tokenizer, load_causal_lm
-    from .trainer import compare, eval_kwargs, resolve_device, teacher_location
+    from ..trainer.checkpoint import read_meta
+    from ..trainer.evaluation import evaluate_model, format_table
+    from ..trainer.loop import compare, eval_kwargs, resolve_device, teacher_location
+    from ..trainer.models import check_same_tokenizer, load_causal_lm
 
     device = resolve_device(cfg.device)
     episodes = args.episodes or cfg.eval.episodes
@@ -173,12 +173,12 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_sft(args) -> int:
-    from .config import load_sft_config
+    from ..trainer.config import load_sft_config
 
     cfg, code = _resolve_config(load_sft_config, args, {"output_dir": "output_dir", "seed": "seed"})
     if cfg is None:
         return code
-    from .sft import run_sft
+    from ..trainer.sft import run_sft
 
     try:
         out = run_sft(cfg)
@@ -209,8 +209,8 @@ def _compare_methods() -> tuple[str, ...]:
 def _cmd_compare(args) -> int:
     from pathlib import Path
 
+    from ..trainer.config import ConfigError
     from .compare import Grid, run_grid
-    from .config import ConfigError
 
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]

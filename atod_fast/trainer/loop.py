@@ -29,17 +29,17 @@ from pathlib import Path
 
 import torch
 
+from ..ops.gae import compute_gae, masked_whiten
+from ..ops.losses import atod_loss
+from ..ops.schedule import AnnealSchedule
 from .checkpoint import latest_checkpoint, load_rank_rng, load_trainer_state, read_meta, save_checkpoint, set_rng_state
 from .config import BUILTIN, ConfigError, TrainConfig, incompatible_keys, load_train_config, to_yaml
 from .distributed import Dist, make_engine, shard_teacher_zero3, whiten_global
 from .evaluation import evaluate_model, format_table
-from .gae import compute_gae, masked_whiten
-from .losses import atod_loss
 from .metrics import MetricsWriter
 from .models import Policy, check_same_tokenizer, decoder_of, freeze, lm_head, load_causal_lm, tiny_llama
 from .packing import Packed, last_hidden_states, pack
 from .rollout import ChatFormat, Trajectory, play, rollout_sums, stats_from_sums, stop_token_ids
-from .schedule import AnnealSchedule
 from .seeds import step_seed, train_seeds
 
 log = logging.getLogger("atod_fast")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import envs as envs_mod
+from .. import envs as envs_mod
 from .rollout import ChatFormat, play, rollout_stats, stop_token_ids
 from .seeds import eval_seeds
 

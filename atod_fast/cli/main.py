@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ._version import __version__
+from .._version import __version__
 from .commands import add_train_commands
 
 
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_envs(args) -> int:
-    from .envs import registered
+    from ..envs import registered
 
     envs = registered()
     width = max(map(len, envs))

@@ -42,7 +42,7 @@ def _gae_triton(x: GaeInputs) -> tuple[torch.Tensor, torch.Tensor]:
     if x.rewards.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f"backend='triton' needs CUDA tensors, got tensors on {x.rewards.device} "
                          "(CPU tensors run only under TRITON_INTERPRET=1, for testing)")
-    from ..kernels.gae import gae_triton
+    from atod_fast.kernels.gae import gae_triton
 
     # the interpreter runs each block in numpy: small blocks keep CPU tests fast
     block = 512 if x.rewards.device.type == "cuda" else 64
