@@ -7,6 +7,7 @@ import sys
 
 from .._version import __version__
 from .commands import add_train_commands
+from .serve_teacher import add_serve_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("envs", help="list the registered environments")
     p.set_defaults(func=_cmd_envs)
     add_train_commands(sub)
+    add_serve_command(sub)
     return parser
 
 
