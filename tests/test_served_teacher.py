@@ -160,7 +160,7 @@ def test_served_topk_equals_the_local_teacher(server, local, temperature):
     lm, tok = local
     seqs = sequences(tok, 6)
     positions = [list(range(0, len(s) - 1, 2)) for s in seqs]  # some positions, as agent tokens would be
-    out = client(server, tok, topk=5, temperature=temperature).score(seqs, positions)
+    out = client(server, tok, topk=5, temperature=temperature).score_sequences(seqs, positions)
     ids, lps, own = out["teacher_topk_ids"], out["teacher_topk_logprobs"], out["teacher_logprobs"]
     assert ids.shape == lps.shape == (sum(map(len, positions)), 6) and own.shape == (ids.shape[0],)
     r = 0
@@ -247,25 +247,25 @@ def test_garbage_and_wrong_shape_name_what_was_wrong(faulty, fault, local):
     pos = [[0, 1] for _ in seqs]
     fault("garbage")
     with pytest.raises(TeacherResponseError, match="the response is not JSON: '<html>upstream error"):
-        client(faulty, tok).score(seqs, pos)
+        client(faulty, tok).score_sequences(seqs, pos)
     fault("short")
     with pytest.raises(TeacherResponseError, match=r"prompt_logprobs: \d+ entries for a prompt of \d+ tokens"):
-        client(faulty, tok).score(seqs, pos)
+        client(faulty, tok).score_sequences(seqs, pos)
 
 
 def test_timeouts_and_5xx_are_retried_then_give_up(faulty, fault, local):
     _, tok = local
     seqs, pos = sequences(tok, 2), [[0], [1]]
     fault("fail", count=2)  # two 503s, then answers: within 2 retries of the first request
-    out = client(faulty, tok, retries=2, max_inflight=1).score(seqs, pos)
+    out = client(faulty, tok, retries=2, max_inflight=1).score_sequences(seqs, pos)
     assert out["teacher_topk_ids"].shape == (2, 6)
     fault("fail", count=100)
     with pytest.raises(TeacherUnavailable, match=r"HTTP 503.*after 2 retries"):
-        client(faulty, tok, retries=2).score(seqs, pos)
+        client(faulty, tok, retries=2).score_sequences(seqs, pos)
     fault("slow", seconds=3.0)
     t0 = time.monotonic()
     with pytest.raises(TeacherUnavailable, match=r"TimeoutError.*after 1 retries"):
-        client(faulty, tok, retries=1, timeout_s=0.5).score(seqs, pos)
+        client(faulty, tok, retries=1, timeout_s=0.5).score_sequences(seqs, pos)
     assert time.monotonic() - t0 < 2.5
 
 
@@ -276,12 +276,12 @@ def test_server_killed_mid_run(teacher_path, local):
     c = client(url, tok, retries=1)
     try:
         seqs = sequences(tok, 2)
-        assert c.score(seqs, [[0], [0]])["teacher_topk_ids"].shape == (2, 6)
+        assert c.score_sequences(seqs, [[0], [0]])["teacher_topk_ids"].shape == (2, 6)
     finally:
         proc.kill()
         proc.wait()
     with pytest.raises(TeacherUnavailable, match=f"teacher server {url}/v1/completions: ClientConnectorError"):
-        c.score(seqs, [[0], [0]])
+        c.score_sequences(seqs, [[0], [0]])
 
 
 def test_parse_names_the_bad_entry():

@@ -180,7 +180,29 @@ class ServedTeacher:
                 raise r
         return res
 
-    def score(self, seqs: list[list[int]], positions: list[list[int]]) -> dict[str, torch.Tensor]:
+    # ----------------------------------------------------------------- the trainer's teacher scorer
+    def score(self, batch) -> dict[str, torch.Tensor]:
+        """The sparse teacher on the agent rows of a step batch (``teacher_topk_ids``, ``teacher_topk_logprobs``,
+        [A, k + 1], on the batch's device); TeacherUnavailable when the server does not answer."""
+        ids = batch.packed.input_ids.cpu()
+        cu = batch.packed.cu_seqlens.cpu().tolist()
+        rows = batch.agent_rows.cpu()
+        seqs, positions = [], []
+        for b in range(len(cu) - 1):
+            seqs.append(ids[cu[b]:cu[b + 1]].tolist())
+            positions.append((rows[(rows >= cu[b]) & (rows < cu[b + 1])] - cu[b]).tolist())
+        out = self.score_sequences(seqs, positions)
+        return {k: out[k].to(batch.device) for k in ("teacher_topk_ids", "teacher_topk_logprobs")}
+
+    def head(self) -> tuple[None, None]:
+        return None, None
+
+    def gathered(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def score_sequences(self, seqs: list[list[int]], positions: list[list[int]]) -> dict[str, torch.Tensor]:
         """The sparse teacher on ``positions[b]`` of every sequence ``seqs[b]``, concatenated in that order.
 
         Returns ``teacher_topk_ids`` and ``teacher_topk_logprobs`` ([A, k + 1]) and ``teacher_logprobs`` ([A],
