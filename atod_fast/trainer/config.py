@@ -64,6 +64,29 @@ BUILTIN = "builtin"
 
 
 @dataclass(kw_only=True)
+class LoraSettings:
+    """LoRA adapters on the student (peft): only they and the value head train."""
+
+    r: int = 0
+    """Rank of the adapters; 0: no LoRA (every student parameter trains)."""
+    alpha: float = 16.0
+    """Scale numerator: the adapter's update is multiplied by alpha / r."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input during training."""
+    target_modules: list[str] | None = None
+    """Names of the linear modules that get adapters (e.g. [q_proj, v_proj]); null: peft's default for the
+    architecture."""
+
+    def check(self) -> None:
+        _need(_int(self.r) and self.r >= 0, "model.lora.r", "an integer >= 0", self.r)
+        _need(_num(self.alpha) and self.alpha > 0, "model.lora.alpha", "a number > 0", self.alpha)
+        _need(_num(self.dropout) and 0 <= self.dropout < 1, "model.lora.dropout", "a number in [0, 1)", self.dropout)
+        t = self.target_modules
+        _need(t is None or (len(t) > 0 and all(isinstance(m, str) and m for m in t)), "model.lora.target_modules",
+              "null or a non-empty list of module names", t)
+
+
+@dataclass(kw_only=True)
 class ModelConfig:
     """Which models play student, teacher and reference."""
 
@@ -100,6 +123,8 @@ class ModelConfig:
     """Retries of a failed or timed-out scoring request (exponential backoff); then the step is skipped."""
     teacher_max_inflight: int = 8
     """Scoring requests (one per trajectory) in flight at once, per rank."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA adapters on the student (model.lora.r > 0; needs the lora extra)."""
 
     def __post_init__(self):
         t = self.teacher_server
@@ -118,6 +143,7 @@ class ModelConfig:
         _need(self.dtype in ("float32", "bfloat16"), "model.dtype", "float32 or bfloat16", self.dtype)
         _need(self.packing in ("auto", "packed", "padded"), "model.packing", "auto, packed or padded", self.packing)
         self.student_arch.check("model.student_arch")
+        self.lora.check()
 
 
 # The embedded default plays guess_number on 1..31 with 5 guesses: bisection always wins there, so
