@@ -284,3 +284,14 @@ class ServedTeacher:
             raise ConfigError(f"{key}: the teacher's tokenizer differs from the student's: the probe {text[:60]!r} is "
                               f"{str(theirs)[:120]} there and {str(ids)[:120]} for the student; token-level "
                               "distillation needs one tokenizer")
+
+
+def served_teacher(cfg, tokenizer, probe_text: str) -> ServedTeacher:
+    """The ServedTeacher of a train config (``model.teacher_*``, ``loss.temperature``), checked against the
+    student's tokenizer."""
+    m = cfg.model
+    teacher = ServedTeacher(m.teacher_server, topk=m.teacher_topk, temperature=cfg.loss.temperature,
+                            timeout_s=m.teacher_timeout_s, retries=m.teacher_retries,
+                            max_inflight=m.teacher_max_inflight, vocab_size=len(tokenizer))
+    teacher.connect(tokenizer, probe_text)
+    return teacher
