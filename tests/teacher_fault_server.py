@@ -8,7 +8,8 @@ It is ``atod-fast serve-teacher``'s own application with one middleware in front
 - ``short``: HTTP 200 with ``prompt_logprobs`` one entry short;
 - ``slow``: sleep ``seconds`` before answering (past the client's timeout);
 - ``fail``: HTTP 503 for the next ``count`` requests, then answer normally;
-- ``blind``: ignore the request's temperature (as a server without processed log-probs does).
+- ``blind``: ignore the request's temperature (as a server without processed log-probs does);
+- ``no-tokenize``: answer 404 on ``/tokenize`` (a server without it).
 
 Run: ``python tests/teacher_fault_server.py MODEL_PATH PORT``.
 """
@@ -37,9 +38,11 @@ def main(path: str, port: int) -> None:
 
     @web.middleware
     async def misbehave(request, handler):
-        if request.path != "/v1/completions" or state["mode"] == "ok":
-            return await handler(request)
         mode = state["mode"]
+        if request.path == "/tokenize" and mode == "no-tokenize":
+            return web.Response(status=404, text="Not Found")
+        if request.path != "/v1/completions" or mode in ("ok", "no-tokenize"):
+            return await handler(request)
         if mode == "garbage":
             return web.Response(status=200, text="<html>upstream error</html>")
         if mode == "slow":
