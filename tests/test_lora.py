@@ -53,7 +53,7 @@ def test_adapter_round_trip_is_exact_and_peft_reads_it(tok, tmp_path):
     lm = trained(tok, s)
     x = torch.randint(0, len(tok), (2, 11))
     want = lm(x).logits
-    save_adapter(lm, s, tmp_path / "a", base_name="tiny")
+    save_adapter(lm, tmp_path / "a", base_name="tiny")
     assert {p.name for p in (tmp_path / "a").iterdir()} == {"adapter_model.safetensors", "adapter_config.json"}
     again = apply_lora(base(tok), s, seed=7)  # other initial adapters: all of them are overwritten
     load_adapter(again, tmp_path / "a")
@@ -63,7 +63,7 @@ def test_adapter_round_trip_is_exact_and_peft_reads_it(tok, tmp_path):
 
 
 def test_adapter_of_another_shape_is_refused(tok, tmp_path):
-    save_adapter(trained(tok, LoraSettings(r=4)), LoraSettings(r=4), tmp_path / "a", base_name=None)
+    save_adapter(trained(tok, LoraSettings(r=4)), tmp_path / "a", base_name=None)
     other = apply_lora(base(tok), LoraSettings(r=4, target_modules=["k_proj"]), seed=0)
     with pytest.raises(ValueError, match="does not match the student's: missing"):
         load_adapter(other, tmp_path / "a")

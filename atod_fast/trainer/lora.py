@@ -15,7 +15,6 @@ transformers folder (base + scaled BA) is written by :func:`save_merged`.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -76,15 +75,23 @@ def adapter_state(lm: nn.Module) -> dict[str, torch.Tensor]:
     return {_to_peft_key(k): v.detach().cpu().contiguous() for k, v in lm.state_dict().items() if ".lora_" in k}
 
 
-def save_adapter(lm: nn.Module, s: LoraSettings, folder: Path, *, base_name: str | None) -> None:
-    """``adapter_model.safetensors`` and ``adapter_config.json`` of ``lm``'s adapter into ``folder``."""
+def save_adapter(lm: nn.Module, folder: Path, *, base_name: str | None, state: dict | None = None) -> None:
+    """``adapter_model.safetensors`` and ``adapter_config.json`` of ``lm``'s adapter into ``folder``.
+
+    ``state``: ``lm``'s full state dict when its live parameters are shards (ZeRO-3); null: read ``lm``.
+    """
+    import copy
+
     from safetensors.torch import save_file
 
+    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(adapter_state(lm), str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    cfg = lora_config(s, base_name).to_dict()
-    cfg = {k: sorted(v) if isinstance(v, set) else v for k, v in cfg.items()}
-    (folder / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2, default=str))
+    tensors = adapter_state(lm) if state is None else {
+        _to_peft_key(k): v.detach().cpu().contiguous() for k, v in state.items() if ".lora_" in k}
+    save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    cfg = copy.copy(lm.peft_config[_ADAPTER])
+    cfg.base_model_name_or_path = base_name
+    cfg.save_pretrained(str(folder))
 
 
 def load_adapter(lm: nn.Module, folder: Path) -> None:
