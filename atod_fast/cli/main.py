@@ -7,6 +7,7 @@ import sys
 
 from .._version import __version__
 from .commands import add_train_commands
+from .export import add_export_command
 from .serve_teacher import add_serve_command
 
 
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_envs)
     add_train_commands(sub)
     add_serve_command(sub)
+    add_export_command(sub)
     return parser
 
 

@@ -131,3 +131,20 @@ def save_merged(lm: nn.Module, tokenizer, folder: Path) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def load_checkpoint_student(cfg, ckpt: Path, *, progress: bool = False):
+    """(lm, tokenizer) of a checkpoint's student: its transformers folder, or for a LoRA checkpoint the base the run
+    was built on (rebuilt from its config) with the saved adapter."""
+    from transformers import AutoTokenizer
+
+    from .loop import initial_student, teacher_location
+    from .models import load_causal_lm
+
+    folder = Path(ckpt) / "student"
+    if not has_adapter(folder):
+        return load_causal_lm(str(folder), dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+    lm, _ = initial_student(cfg, teacher_location(cfg, progress=progress))
+    apply_lora(lm, cfg.model.lora, seed=cfg.seed)
+    load_adapter(lm, folder)
+    return lm, AutoTokenizer.from_pretrained(str(folder))
