@@ -110,6 +110,9 @@ class _Tally:
 
 
 class PpoLearner:
+    """PPO over the fused loss for the student (``policy``: LM + value head) inside the data-parallel ``engine``;
+    ``scheduler`` steps once per training step."""
+
     def __init__(self, cfg: TrainConfig, policy, engine, scheduler, dist: Dist, *, vocab_size: int | None):
         self.cfg, self.policy, self.engine, self.scheduler, self.dist = cfg, policy, engine, scheduler, dist
         self.vocab_size = vocab_size

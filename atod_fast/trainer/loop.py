@@ -53,15 +53,16 @@ __all__ = ["PARTS", "NonFiniteLossError", "Trainer"]
 
 PARTS = ("controller", "teacher", "reference", "advantages")
 """The parts a ``Trainer(parts=...)`` may replace: a :class:`~.lam.LambdaController`, a :class:`~.teacher.TeacherScorer`
-(or None), the KL reference scorer (or None) and an :class:`~.advantages.AdvantageEstimator`."""
+(or None), the KL reference scorer (or None) and an :class:`~.advantages.AdvantageEstimator`. The defaults are
+built first (the local teacher only when the configured schedule's λ_max > 0), so a factory may read them."""
 
 
 class Trainer:
     """Builds everything a run needs from a :class:`TrainConfig`; ``train()`` runs it."""
 
     def __init__(self, cfg: TrainConfig, *, resume: str | None = None, parts: dict | None = None):
-        """``parts``: part name (one of :data:`PARTS`) → ``factory(trainer)``, called at the end of ``setup`` (before
-        a checkpoint's state is restored into them) to replace that default part."""
+        """``parts``: part name (one of :data:`PARTS`) → ``factory(trainer)``, called in ``setup`` once the default
+        parts are built, before a checkpoint's state is restored into them; its result replaces that part."""
         self.cfg, self.run_dir, self.parts = cfg, Path(cfg.output_dir), dict(parts or {})
         if unknown := sorted(set(self.parts) - set(PARTS)):
             raise ValueError(f"parts: expected names among {list(PARTS)}, got {unknown}")

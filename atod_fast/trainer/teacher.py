@@ -5,7 +5,7 @@ and returns per agent row a dict of tensors named as ``atod_loss``'s keyword arg
 
 - dense: ``{"teacher_hidden": [A, Ht]}``, with ``head()`` giving ``(teacher_weight, teacher_bias)``;
 - sparse: ``{"teacher_topk_ids": [A, k], "teacher_topk_logprobs": [A, k]}``, ``head()`` → ``(None, None)``;
-- sampled token only: ``{"teacher_logprobs": [A]}``.
+- sampled token only: ``{"teacher_logprobs": [A]}`` (once ``atod_loss`` takes that input).
 
 The learner slices every entry by rows for its minibatches and passes them to the loss by
 name; it enters ``gathered()`` around each minibatch's forward and backward (a teacher whose
