@@ -199,3 +199,61 @@ def test_token_logprobs_equal_full_logits_on_cpu():
         logits = (h.float() @ lm.out.weight.float().T) / temperature
         want = torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1)
         assert torch.equal(got, want), (got - want).abs().max()
+
+
+def _random_trajectories(seed: int):
+    """Episodes with 1-4 turns of 1-5 agent tokens between observations, some truncated, some ending with an agent
+    turn, one ended by an environment error."""
+    from atod_fast.trainer.rollout import Trajectory
+
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda lo, hi: int(torch.randint(lo, hi + 1, (), generator=g))  # noqa: E731
+    trajs = []
+    for b in range(7):
+        t = Trajectory(seed=b)
+        t._append([rnd(0, 99) for _ in range(rnd(1, 4))], action=False, turn=0)
+        n_turns = rnd(1, 4)
+        for k in range(n_turns):
+            t._append([rnd(0, 99) for _ in range(rnd(1, 5))], action=True, turn=k)
+            t.turn_last_token.append(len(t.tokens) - 1)
+            t.turn_rewards.append(float(torch.randn((), generator=g)))
+            if k < n_turns - 1 or b % 3 == 0:  # b % 3 == 0: truncated after an observation
+                t._append([rnd(0, 99) for _ in range(rnd(1, 3))], action=False, turn=k + 1)
+        t.end_reason = "turn_limit" if b % 3 == 0 else ("error" if b == 4 else "done")
+        trajs.append(t)
+    return trajs
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gae_estimator_matches_per_turn_reward_placement(seed):
+    """GaeEstimator (rewards placed by turn_rewards_to_tokens) against the placement loop the trainer used to run."""
+    from atod_fast import compute_gae
+    from atod_fast.trainer.advantages import GaeEstimator
+    from atod_fast.trainer.batch import StepBatch
+    from atod_fast.trainer.config import DistributedConfig
+    from atod_fast.trainer.distributed import Dist
+
+    trajs = _random_trajectories(seed)
+    batch = StepBatch.build(trajs, torch.device("cpu"))
+    values = torch.randn(int(batch.packed.cu_seqlens[-1]), generator=torch.Generator().manual_seed(seed + 10))
+    adv, ret = GaeEstimator(gamma=0.9, lam=0.8, whiten_advantages=False, dist=Dist(DistributedConfig()))(batch, values)
+
+    cu = batch.packed.cu_seqlens
+    rows = torch.ones(int(cu[-1]), dtype=torch.bool)
+    rows[cu[1:] - 1] = False
+    row_pos = rows.nonzero().squeeze(1)
+    rewards = torch.zeros(int(cu[-1]))
+    for b, t in enumerate(trajs):
+        for pos, r in zip(t.turn_last_token, t.turn_rewards, strict=True):
+            rewards[int(cu[b]) + pos - 1] += r
+    boot = torch.tensor([float(values[int(cu[b + 1]) - 1]) if t.truncated else 0.0 for b, t in enumerate(trajs)])
+    act_rows = batch.action_mask[row_pos + 1]
+    want_adv, want_ret = compute_gae(rewards[row_pos], values[row_pos], cu - torch.arange(len(trajs) + 1), act_rows,
+                                     gamma=0.9, lam=0.8, bootstrap_values=boot)
+    assert adv.shape == (sum(batch.counts),) == (int(act_rows.sum()),)
+    assert torch.equal(adv, want_adv[act_rows]) and torch.equal(ret, want_ret[act_rows])
+    # λ's turn index and the targets line up with the agent tokens, trajectory by trajectory
+    agent_turns = [k for t in trajs for k, a in zip(t.turn_idx[1:], t.action_mask[1:], strict=True) if a]
+    assert batch.agent_turns.tolist() == agent_turns
+    assert batch.targets.tolist() == [x for t in trajs for x, a in zip(t.tokens, t.action_mask, strict=True) if a]
+    assert batch.trajectory_of_rows().tolist() == [b for b, n in enumerate(batch.counts) for _ in range(n)]
