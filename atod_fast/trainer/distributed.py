@@ -4,6 +4,8 @@ One process per GPU (or several on a CPU). Every rank plays its own share of the
 episodes; the gradient of the global token-mean loss is what the engines average. The same
 code runs on CPU (gloo) and CUDA (nccl): the backend follows the device.
 
+:func:`resolve_device` turns the ``device`` key into a torch device (for every command);
+:func:`standalone_env` gives a process started without torchrun the launcher's environment.
 :class:`Dist` is the process group (rank, world size, collectives). :func:`make_engine` wraps
 the student and its optimizer in one of three engines with one interface:
 
