@@ -141,8 +141,9 @@ def _cmd_eval(args) -> int:
         return _fail(e)
     _setup_logging()
     from ..trainer.checkpoint import read_meta
-    from ..trainer.evaluation import evaluate_model, format_table
-    from ..trainer.loop import compare, eval_kwargs, resolve_device, teacher_location
+    from ..trainer.distributed import resolve_device
+    from ..trainer.evaluation import compare, eval_kwargs, evaluate_model, format_table
+    from ..trainer.loading import teacher_location
     from ..trainer.models import check_same_tokenizer, load_causal_lm
 
     device = resolve_device(cfg.device)
