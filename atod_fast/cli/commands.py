@@ -147,8 +147,11 @@ def _cmd_eval(args) -> int:
 
     device = resolve_device(cfg.device)
     episodes = args.episodes or cfg.eval.episodes
-    lm, tok = load_causal_lm(str(ckpt / "student"), dtype=cfg.model.dtype,
-                             trust_remote_code=cfg.model.trust_remote_code)
+    try:
+        lm, tok = load_causal_lm(str(ckpt / "student"), dtype=cfg.model.dtype,
+                                 trust_remote_code=cfg.model.trust_remote_code)
+    except ValueError as e:
+        return _fail(e)
     lm.to(device)
     name = f"checkpoint (step {read_meta(ckpt)['step']})"
     if args.no_compare:

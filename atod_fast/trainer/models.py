@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable
 from pathlib import Path
+from pickle import UnpicklingError  # raised by torch's restricted loader; nothing here unpickles
 
 import torch
 from torch import nn
@@ -83,6 +84,9 @@ def load_causal_lm(name_or_path: str, *, dtype: str = "float32", trust_remote_co
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=_DTYPES[dtype], **kw, **model_kw)
     except OSError as e:
         raise ValueError(f"cannot load model {name_or_path!r}: {str(e).splitlines()[0]}") from None
+    except UnpicklingError:  # transformers reads *.bin weights with torch.load(weights_only=True)
+        raise ValueError(f"cannot load model {name_or_path!r}: its weights file is a pickle holding more than "
+                         "tensors; refused, since loading it could run code (safetensors weights are safe)") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     unsupported = [k for k in ("final_logit_softcapping", "logit_scale") if getattr(model.config, k, None)]
