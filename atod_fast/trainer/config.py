@@ -17,7 +17,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ..ops.schedule import DECAYS
+from ..ops.schedule import schedule_problem
 
 
 class ConfigError(ValueError):
@@ -188,13 +188,10 @@ class ScheduleConfig:
         for f in ("total_steps", "turn_horizon"):
             v = getattr(self, f)
             _need(v is None or (_int(v) and v >= 1), f"schedule.{f}", "null or an integer >= 1", v)
-        for f in ("lambda_max", "lambda_min"):
-            v = getattr(self, f)
-            _need(_num(v) and 0 <= v <= 1, f"schedule.{f}", "a number in [0, 1]", v)
-        _need(self.lambda_min <= self.lambda_max, "schedule.lambda_min", f"<= lambda_max={self.lambda_max}",
-              self.lambda_min)
-        for f in ("time_decay", "turn_decay"):
-            _need(getattr(self, f) in DECAYS, f"schedule.{f}", f"one of {sorted(DECAYS)}", getattr(self, f))
+        bad = schedule_problem(lambda_max=self.lambda_max, lambda_min=self.lambda_min, time_decay=self.time_decay,
+                               turn_decay=self.turn_decay)
+        if bad is not None:
+            _need(False, f"schedule.{bad[0]}", *bad[1:])
 
 
 @dataclass(kw_only=True)
@@ -523,10 +520,6 @@ def load_sft_config(path: str | None = None, overrides: list[str] = ()) -> SftRu
 
 def to_yaml(cfg) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
-
-
-def to_dict(cfg) -> dict[str, Any]:
-    return asdict(cfg)
 
 
 def config_hash(obj: Any) -> str:
