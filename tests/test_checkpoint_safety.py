@@ -147,3 +147,19 @@ def test_eval_never_runs_a_planted_pickle(one_step_run, tmp_path, capsys):
     assert not marker.exists()
     with pytest.raises(pickle.UnpicklingError):  # the control: a restricted load refuses the same file
         torch.load(ckpt / "student" / "pytorch_model.bin", weights_only=True)
+
+
+def test_deepspeed_files_are_checked_before_deepspeed_reads_them(one_step_run, tmp_path):
+    """DeepSpeed unpickles its own files without restriction: a file naming anything but its few classes is refused
+    first, by the names it would import (read from the pickle, not unpickled)."""
+    ckpt = tmp_path / "step-000001"
+    shutil.copytree(one_step_run / "checkpoints" / "step-000001", ckpt)
+    state = ckpt / "deepspeed" / "state"
+    state.mkdir(parents=True)
+    torch.save({"module": {"w": torch.ones(2)}, "ds_version": "0.19.8"}, state / "mp_rank_00_model_states.pt")
+    assert load_trainer_state(ckpt)["step"] == 1  # tensors and plain data pass
+    marker = tmp_path / "ran-code"
+    _plant(state / "zero_pp_rank_0_mp_rank_00_optim_states.pt", marker)
+    with pytest.raises(ConfigError, match=r"--resume: refusing to hand .*optim_states\.pt to DeepSpeed: .*exec"):
+        load_trainer_state(ckpt)
+    assert not marker.exists()

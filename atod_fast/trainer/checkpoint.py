@@ -16,8 +16,9 @@ ZeRO-3 shards when needed): ``atod-fast eval`` and ``transformers`` load them as
 ``trainer_state.pt`` and ``rng/rank-R.pt`` hold only tensors and plain data (numbers, strings,
 bools, None, lists, tuples, dicts): they are read with ``torch.load(weights_only=True)``, so a
 checkpoint from elsewhere cannot run code when it is resumed. NumPy's and Python's RNG states,
-which are not plain data, are stored as integer tensors. (``deepspeed/`` is read by DeepSpeed
-itself, with its own loader.)
+which are not plain data, are stored as integer tensors. ``deepspeed/`` is read by DeepSpeed
+itself, which unpickles without restriction: before it does, every name its files would import is
+checked against the few classes DeepSpeed's own checkpoints hold.
 
 A checkpoint is written into a hidden temporary directory, every file is fsynced, then the
 directory is renamed into place (atomic on POSIX) and its parent fsynced. Only names
@@ -182,7 +183,32 @@ def read_meta(ckpt: Path) -> dict:
 
 
 def load_trainer_state(ckpt: Path) -> dict:
-    return _safe_load(ckpt / "trainer_state.pt")
+    """The trainer state of ``ckpt``; with a ``deepspeed/`` folder, also checks DeepSpeed's files before DeepSpeed
+    reads them (with its own, unrestricted loader)."""
+    state = _safe_load(ckpt / "trainer_state.pt")
+    if (ckpt / "deepspeed").is_dir():
+        check_engine_files(ckpt / "deepspeed")
+    return state
+
+
+# The classes DeepSpeed's checkpoints pickle besides tensors and plain data (its ZeRO optimizer states, 0.19):
+# the loss scaler, the ZeRO stage and the parameter-to-partition map. DeepSpeed unpickles its files without
+# restriction, so a file that names any other class or function is refused before DeepSpeed opens it.
+_DEEPSPEED_GLOBALS = frozenset({
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+})
+
+
+def check_engine_files(root: Path) -> None:
+    """Reads the names each pickle under ``root`` would import (nothing is unpickled) and refuses unknown ones."""
+    for path in sorted(root.rglob("*.pt")):
+        unknown = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - _DEEPSPEED_GLOBALS)
+        if unknown:
+            raise ConfigError(f"--resume: refusing to hand {path} to DeepSpeed: it refers to {', '.join(unknown[:3])}, "
+                              "which DeepSpeed checkpoints never hold and which could run code when unpickled")
 
 
 _PLAIN = (bool, int, float, str, type(None), torch.Tensor)
