@@ -136,3 +136,14 @@ def test_triton_gae_on_a_cpu_without_the_interpreter(monkeypatch):
     v = torch.zeros(3)
     with pytest.raises(ValueError, match=r"^backend='triton' needs CUDA tensors.*TRITON_INTERPRET=1.*'torch'"):
         atod_fast.compute_gae(r, v, torch.tensor([0, 3]), torch.ones(3, dtype=torch.bool), backend="triton")
+
+
+def test_eval_checks_the_teacher_it_compares_against(capsys, offline_hub, tmp_path):
+    from atod_fast.trainer.config import load_train_config, to_yaml
+
+    ckpt = tmp_path / "step-000001"
+    ckpt.mkdir()
+    (ckpt / "meta.json").write_text('{"step": 1, "max_steps": 1}')
+    (ckpt / "config.yaml").write_text(to_yaml(load_train_config(None, ["model.teacher=/moved/teacher"])))
+    err = _one_line_error(capsys, ["eval", "--checkpoint", str(ckpt)])
+    assert "model.teacher: no such directory: /moved/teacher" in err
