@@ -168,8 +168,8 @@ class Trainer:
         cfg, main = self.cfg, self.dist.is_main
         if not self._start():
             return {}
-        writer = MetricsWriter(self.run_dir, tensorboard=cfg.logging.tensorboard,
-                               resume_step=self.start_step) if main else None
+        writer = MetricsWriter(self.run_dir, tensorboard=cfg.logging.tensorboard, resume_step=self.start_step,
+                               wandb=cfg.logging, run_config=cfg) if main else None
         bar = tqdm(total=cfg.max_steps, initial=self.start_step, desc="train",
                    disable=not (cfg.logging.progress and main), dynamic_ncols=True)
         last_good = latest_checkpoint(self.run_dir)
