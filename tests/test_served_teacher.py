@@ -4,6 +4,7 @@ and every failure against a real server (down, killed mid-run, garbage, wrong sh
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -234,6 +235,17 @@ def test_a_different_tokenizer_is_caught_at_start(server):
         client(server, other).connect(other, "You are guessing a number between 1 and 31.")
 
 
+def test_without_tokenize_the_probe_is_compared_on_decoded_tokens(faulty, fault, local):
+    from atod_fast.trainer.models import build_tokenizer
+
+    _, tok = local
+    fault("no-tokenize")
+    client(faulty, tok).connect(tok, "You are guessing a number between 1 and 31.")
+    other = build_tokenizer(["completely different text for another tokenizer"] * 20, 300)
+    with pytest.raises(ConfigError, match="tokenizer differs from the student's"):
+        client(faulty, other).connect(other, "You are guessing a number between 1 and 31.")
+
+
 def test_server_ignoring_temperature_is_caught_at_start(faulty, fault, local):
     _, tok = local
     fault("blind")
@@ -292,3 +304,67 @@ def test_parse_names_the_bad_entry():
         parse_prompt_logprobs(body, [1, 5, 3], [0], 1, 10)
     with pytest.raises(TeacherResponseError, match=r"1 entries, expected the top 4"):
         parse_prompt_logprobs(body, [1, 7, 3], [0], 4, 10)
+
+
+# ----------------------------------------------------------------------------- training against a served teacher
+TRAIN = [*TINY_SFT, "model.student_arch.hidden_size=32", "model.student_arch.intermediate_size=64",
+         "model.student_arch.num_heads=2", "rollout.episodes_per_step=4", "eval.at_end=false",
+         "logging.progress=false", "logging.tensorboard=false", "loss.divergence=forward_kl", "model.teacher_topk=5",
+         "model.teacher_retries=1", "model.teacher_timeout_s=20"]
+
+
+def test_train_two_steps_against_a_serve_teacher_process(server, tmp_path):
+    from atod_fast.cli import main
+    from atod_fast.trainer.metrics import read_metrics
+
+    run = tmp_path / "run"
+    assert main(["train", "--output-dir", str(run), "--max-steps", "2", *TRAIN,
+                 f"model.teacher_server={server}"]) == 0
+    m = read_metrics(run)
+    assert [x["step"] for x in m] == [1, 2]
+    for x in m:
+        assert not x["teacher_skipped"] and math.isfinite(x["loss"]) and x["distill"] > 0
+
+
+def test_server_down_at_start_stops_train_with_the_url(tmp_path, capsys):
+    from atod_fast.cli import main
+
+    url = f"http://127.0.0.1:{free_port()}"
+    assert main(["train", "--output-dir", str(tmp_path / "r"), "--max-steps", "1", *TRAIN,
+                 f"model.teacher_server={url}"]) == 2
+    assert f"atod-fast: error: model.teacher_server: {url} does not answer" in capsys.readouterr().err
+
+
+def _trainer(url: str, run: Path):
+    from atod_fast.trainer.loop import Trainer
+
+    tr = Trainer(load_train_config(None, [*TRAIN, f"model.teacher_server={url}", f"output_dir={run}"]))
+    tr.setup(progress=False)
+    return tr
+
+
+def test_a_step_whose_teacher_fails_is_skipped_and_the_run_goes_on(faulty, fault, tmp_path, caplog):
+    tr = _trainer(faulty, tmp_path / "run")
+    before = {k: v.clone() for k, v in tr.models.policy.state_dict().items()}
+    fault("fail", count=4 * 2)  # every request of step 1 fails twice (model.teacher_retries=1)
+    with caplog.at_level("WARNING", logger="atod_fast"):
+        m1 = tr.step(1)
+    assert m1["teacher_skipped"] and "step 1: the teacher server failed" in caplog.text and "skipped" in caplog.text
+    assert all(torch.equal(v, tr.models.policy.state_dict()[k]) for k, v in before.items())  # no update
+    m2 = tr.step(2)
+    assert not m2["teacher_skipped"] and math.isfinite(m2["loss"])
+    assert any(not torch.equal(v, tr.models.policy.state_dict()[k]) for k, v in before.items())
+
+
+def test_serve_teacher_killed_mid_run(teacher_path, tmp_path, caplog):
+    port = free_port()
+    proc, url = start(["-m", "atod_fast", "serve-teacher", "--model", teacher_path, "--port", str(port)], port)
+    try:
+        tr = _trainer(url, tmp_path / "run")
+        assert not tr.step(1)["teacher_skipped"]
+    finally:
+        proc.kill()
+        proc.wait()
+    with caplog.at_level("WARNING", logger="atod_fast"):
+        m = tr.step(2)
+    assert m["teacher_skipped"] and f"{url}/v1/completions" in caplog.text

@@ -77,7 +77,7 @@ def load_models(cfg: TrainConfig, teacher_path: str | None, *, device: torch.dev
 
         apply_liger(lm)
     teacher = None
-    if teacher_path is not None:
+    if teacher_path is not None and cfg.model.teacher_server is None:  # a served teacher is asked over HTTP
         teacher = _frozen(cfg, teacher_path, tok, "teacher")
         if cfg.distributed.teacher_zero3:
             teacher = shard_teacher_zero3(teacher, cfg.distributed, device, world)

@@ -286,6 +286,13 @@ class ServedTeacher:
                               "distillation needs one tokenizer")
 
 
+def probe_text(tokenizer) -> str:
+    """Text whose token ids the teacher server must give as the student does: words, digits, punctuation, accents,
+    whitespace, and the end-of-turn token (special tokens differ between model families)."""
+    return "Guess a number between 1 and 31: 16? Higher. (x+y)/2 = 24; naïve café — ok!\n\t" + \
+        (tokenizer.eos_token or "")
+
+
 def served_teacher(cfg, tokenizer, probe_text: str) -> ServedTeacher:
     """The ServedTeacher of a train config (``model.teacher_*``, ``loss.temperature``), checked against the
     student's tokenizer."""
