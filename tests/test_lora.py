@@ -89,3 +89,76 @@ def test_bad_targets_and_settings_are_config_errors(tok):
                    (["model.lora.target_modules=[]"], "model.lora.target_modules")):
         with pytest.raises(ConfigError, match=re.escape(key)):
             load_train_config(None, o)
+
+
+# ----------------------------------------------------------------------------- training a LoRA student
+TINY = [
+    "sft.steps=20", "sft.episodes=64", "sft.batch_size=8", "sft.arch.hidden_size=32", "sft.arch.intermediate_size=64",
+    "sft.arch.num_heads=2", "model.student_arch.hidden_size=32", "model.student_arch.intermediate_size=64",
+    "model.student_arch.num_heads=2", "rollout.episodes_per_step=4", "eval.episodes=4", "logging.progress=false",
+    "logging.tensorboard=false", "checkpoint.every=1", "eval.at_end=false",
+    "model.lora.r=4", "model.lora.alpha=8", "model.lora.target_modules=[q_proj,v_proj,up_proj]", "optim.lr=1e-2",
+    "schedule.total_steps=3",  # λ anneals over 3 steps in the 2-step run too: it resumes into the same run
+]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    import os
+
+    old = os.environ.get("ATOD_FAST_CACHE")
+    os.environ["ATOD_FAST_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        del os.environ["ATOD_FAST_CACHE"]
+    else:
+        os.environ["ATOD_FAST_CACHE"] = old
+
+
+def _files(ckpt) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {f"a.{k}": v for k, v in load_file(str(ckpt / "student" / "adapter_model.safetensors")).items()}
+    out.update({f"v.{k}": v for k, v in load_file(str(ckpt / "value_head.safetensors")).items()})
+    return out
+
+
+def test_lora_run_trains_resumes_exactly_evaluates_and_exports(cache, tmp_path, capsys):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from atod_fast.cli import main
+    from atod_fast.trainer.lora import load_checkpoint_student
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["train", "--output-dir", str(a), "--max-steps", "3", *TINY]) == 0
+    ckpt = a / "checkpoints" / "step-000003"
+    assert {p.name for p in (ckpt / "student").iterdir()} >= {"adapter_model.safetensors", "adapter_config.json"}
+    assert not list((ckpt / "student").glob("model*.safetensors"))  # the adapter only, not the base
+    first = _files(a / "checkpoints" / "step-000002")
+    assert any(not torch.equal(first[k], v) for k, v in _files(ckpt).items())  # the adapter trains
+    assert any(k.startswith("a.") and "lora_B" in k and v.abs().sum() > 0 for k, v in first.items())
+
+    assert main(["train", "--output-dir", str(b), "--max-steps", "2", *TINY]) == 0
+    assert main(["train", "--output-dir", str(b), "--max-steps", "3", "--resume", "auto", *TINY]) == 0
+    resumed = _files(b / "checkpoints" / "step-000003")
+    assert resumed.keys() == _files(ckpt).keys()
+    assert all(torch.equal(resumed[k], v) for k, v in _files(ckpt).items())  # bit-exact on the CPU
+
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(a), "--episodes", "4", "--json", "--no-compare"]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 3
+
+    out = tmp_path / "merged"
+    assert main(["export", "--checkpoint", str(a), "--out", str(out), "--merge"]) == 0
+    plain = AutoModelForCausalLM.from_pretrained(out)
+    assert not any("lora" in n for n, _ in plain.named_parameters())
+    cfg = load_train_config(str(ckpt / "config.yaml"))
+    lm, tok = load_checkpoint_student(cfg, ckpt)
+    x = torch.randint(0, len(tok), (2, 12))
+    with torch.no_grad():
+        assert rel_err(plain(x).logits, lm(x).logits) < 1e-5
+    assert main(["export", "--checkpoint", str(a), "--out", str(tmp_path / "adapter")]) == 0
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert main(["export", "--checkpoint", str(a), "--out", str(out)]) == 2  # never overwrites

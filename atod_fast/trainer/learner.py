@@ -55,7 +55,8 @@ def lr_lambda(cfg: TrainConfig):
 
 def make_optimizer(cfg: TrainConfig, policy) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     o = cfg.optim
-    opt = torch.optim.AdamW(policy.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+    trainable = [p for p in policy.parameters() if p.requires_grad]  # a LoRA student: adapters and value head
+    opt = torch.optim.AdamW(trainable, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                             weight_decay=o.weight_decay)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
 

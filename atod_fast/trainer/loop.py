@@ -216,6 +216,9 @@ def _check_run(cfg: TrainConfig, world: int, device: torch.device) -> None:
         from .vllm_rollout import check_available
 
         check_available(device)
+    if cfg.model.lora.r and cfg.distributed.engine == "deepspeed" and cfg.distributed.zero_stage == 3:
+        raise ConfigError("model.lora.r: LoRA students are not supported with distributed.zero_stage=3 (the "
+                          "checkpoint's adapter export and evaluation expect unsharded weights); use ZeRO-2 or DDP")
     if cfg.eval.every and cfg.distributed.engine == "deepspeed" and cfg.distributed.zero_stage == 3:
         # Held-out evaluation runs on rank 0 alone, which cannot see parameters ZeRO-3 shards.
         raise ConfigError("eval.every: held-out evaluation during training needs unsharded parameters; "

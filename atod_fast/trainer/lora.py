@@ -138,7 +138,7 @@ def load_checkpoint_student(cfg, ckpt: Path, *, progress: bool = False):
     was built on (rebuilt from its config) with the saved adapter."""
     from transformers import AutoTokenizer
 
-    from .loop import initial_student, teacher_location
+    from .loading import initial_student, teacher_location
     from .models import load_causal_lm
 
     folder = Path(ckpt) / "student"
