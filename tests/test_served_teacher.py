@@ -368,3 +368,32 @@ def test_serve_teacher_killed_mid_run(teacher_path, tmp_path, caplog):
     with caplog.at_level("WARNING", logger="atod_fast"):
         m = tr.step(2)
     assert m["teacher_skipped"] and f"{url}/v1/completions" in caplog.text
+
+
+def test_missing_extras_are_config_errors_naming_them(monkeypatch):
+    from atod_fast.trainer.config import LoraSettings, TinyArch
+    from atod_fast.trainer.lora import apply_lora
+    from atod_fast.trainer.models import build_tokenizer, tiny_llama
+
+    monkeypatch.setitem(sys.modules, "aiohttp", None)  # import aiohttp raises ImportError
+    monkeypatch.setitem(sys.modules, "peft", None)
+    with pytest.raises(ConfigError, match=r"model\.teacher_server: .*pip install 'atod-fast\[serve\]'"):
+        ServedTeacher("http://127.0.0.1:1", topk=5, temperature=1.0, timeout_s=1, retries=0, max_inflight=1,
+                      vocab_size=10)
+    tok = build_tokenizer(["a few words"] * 5, 300)
+    with pytest.raises(ConfigError, match=r"model\.lora\.r: .*pip install 'atod-fast\[lora\]'"):
+        apply_lora(tiny_llama(TinyArch(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32), tok, 0),
+                   LoraSettings(r=2), seed=0)
+
+
+def test_resume_may_move_the_teacher_server_but_not_drop_it():
+    from atod_fast.trainer.config import incompatible_keys
+
+    served = ["loss.divergence=forward_kl", "model.teacher_server=http://a:8000"]
+    a = load_train_config(None, served)
+    moved = load_train_config(None, [*served, "model.teacher_server=http://b:9000", "model.teacher_retries=5"])
+    assert incompatible_keys(a, moved) == []
+    assert incompatible_keys(a, load_train_config(None, ["loss.divergence=forward_kl"])) == ["model.teacher_server"]
+    assert "model.teacher_topk" in incompatible_keys(a, load_train_config(None, [*served, "model.teacher_topk=7"]))
+    with pytest.raises(ConfigError, match=r"loss\.divergence: expected forward_kl with model\.teacher_server"):
+        load_train_config(None, ["model.teacher_server=http://a:8000"])
