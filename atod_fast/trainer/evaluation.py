@@ -14,7 +14,7 @@ _BATCH = 128
 
 def evaluate_model(lm, tokenizer, *, env_name: str, env_kwargs: dict, episodes: int, max_turns: int | None,
                    max_new_tokens: int, max_episode_tokens: int, temperature: float, device: torch.device,
-                   chat_template: str | None = None) -> dict:
+                   chat_template: str | None = None, step_timeout_s: float | None = None) -> dict:
     """Play ``episodes`` held-out episodes; returns success_rate, reward_mean, episodes and more.
 
     Sampling uses its own fixed seed (the global RNG state is left untouched), so two
@@ -27,7 +27,7 @@ def evaluate_model(lm, tokenizer, *, env_name: str, env_kwargs: dict, episodes: 
         torch.manual_seed(EVAL_SAMPLING_SEED)
         for i in range(0, episodes, _BATCH):
             chunk = seeds[i:i + _BATCH]
-            envs = [envs_mod.make(env_name, **env_kwargs) for _ in chunk]
+            envs = [envs_mod.make(env_name, step_timeout_s=step_timeout_s, **env_kwargs) for _ in chunk]
             turns = max_turns if max_turns is not None else envs[0].max_turns
             trajs += play(lm, tokenizer, fmt, envs, chunk, max_turns=turns, max_new_tokens=max_new_tokens,
                           max_episode_tokens=max_episode_tokens, temperature=temperature, device=device)

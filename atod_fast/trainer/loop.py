@@ -590,7 +590,8 @@ def eval_kwargs(cfg: TrainConfig, device: torch.device, episodes: int) -> dict:
     r = cfg.rollout
     return dict(env_name=cfg.env.name, env_kwargs=cfg.env.resolved_kwargs(), episodes=episodes,
                 max_turns=r.max_turns, max_new_tokens=r.max_new_tokens, max_episode_tokens=r.max_episode_tokens,
-                temperature=cfg.eval.temperature, device=device, chat_template=cfg.model.chat_template)
+                temperature=cfg.eval.temperature, device=device, chat_template=cfg.model.chat_template,
+                step_timeout_s=cfg.env.step_timeout_s)
 
 
 def compare(cfg: TrainConfig, student_lm, tokenizer, teacher, teacher_path, device, *, episodes: int,
