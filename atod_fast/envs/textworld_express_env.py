@@ -2,7 +2,9 @@
 Commonsense, Coin Collector and small games, at thousands of steps per second.
 
 ``game`` is TWX's game name and ``game_params`` TWX's own parameter string (e.g.
-``numLocations=3,includeDoors=0``). The fold comes from the seed (``split_of``): training episodes and
+``numLocations=3,includeDoors=0``; ``""`` for TWX's defaults). Left unset, coin, cookingworld and twc
+get a small world sized for a tiny CPU student (``SMALL``); TWX's defaults make episodes of
+thousands of tokens. The fold comes from the seed (``split_of``): training episodes and
 the expert's demonstrations play the train fold, held-out evaluation the test fold, selection the
 dev fold. Within a fold, the seed's index ``i`` in its range (``split_of``) plays the game ``i mod n`` of
 TWX's list of ``n`` valid seeds for that fold, so an episode is deterministic in the seed and the
@@ -33,6 +35,12 @@ from .base import register, split_of
 from .gold_path import HARMLESS, GoldPathExpert, check_rate, check_turns, need_java, normalize
 
 GAMES = ("cookingworld", "twc", "coin", "mapreader", "arithmetic", "sorting", "simonsays", "peckingorder")
+SMALL = {
+    "coin": "numLocations=3,numDistractorItems=0,includeDoors=0",
+    "cookingworld": "numLocations=1,numIngredients=1,numDistractorItems=0,includeDoors=0",
+    "twc": "numLocations=1,numItemsToPutAway=1,includeDoors=0",
+}
+"""game_params of a game when none is given (other games: TWX's defaults)."""
 _FOLD_SEEDS: dict[tuple[str, str, str], list[int]] = {}
 
 
@@ -49,10 +57,12 @@ def _twx_paths() -> tuple[str, str]:
 class TextWorldExpressEnv:
     """A TextWorldExpress game as an atod-fast environment; see the module docstring."""
 
-    def __init__(self, *, game: str = "coin", game_params: str = "", list_actions: bool = False,
+    def __init__(self, *, game: str = "coin", game_params: str | None = None, list_actions: bool = False,
                  max_turns: int = 20, expert_error_rate: float | None = None):
         if game not in GAMES:
             raise ValueError(f"game must be one of {', '.join(GAMES)}, got {game!r}")
+        if game_params is None:
+            game_params = SMALL.get(game, "")
         if not isinstance(game_params, str):
             raise ValueError(f"game_params must be TWX's parameter string (e.g. 'numLocations=3'), got {game_params!r}")
         self.game, self.game_params, self.list_actions = game, game_params, bool(list_actions)
