@@ -15,9 +15,10 @@ COIN = dict(game="coin", game_params="numLocations=3,includeDoors=0")
 
 
 def play_expert(env, seed):
-    first, turns = env.reset(seed), 0
+    env.reset(seed)
+    turns = 0
     while True:
-        obs, reward, done, info = env.step(env.expert_action())
+        _, reward, done, info = env.step(env.expert_action())
         turns += 1
         if done:
             return reward, info, turns
