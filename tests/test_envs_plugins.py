@@ -202,7 +202,8 @@ def test_module_env_trains_with_a_builtin_teacher_from_its_expert_and_evaluates(
     assert "countdown_env:CountDown" in res.stdout
     grid = tmp_path / "grid"
     res = subprocess.run([sys.executable, "-m", "atod_fast", "compare", "--output-dir", str(grid), "--methods",
-                          "teacher,opd", "--seeds", "0", "--max-steps", "1", "--eval-every", "1", "--eval-episodes", "2",
+                          "teacher,opd", "--seeds", "0", "--max-steps", "1", "--eval-every", "1",
+                          "--eval-episodes", "2",
                           *[o for o in TINY if not o.startswith("eval.")], "env.name=countdown_env:CountDown",
                           "env.kwargs.start=2", "rollout.max_new_tokens=3"],
                          env=env, capture_output=True, text=True, timeout=600)
