@@ -156,26 +156,37 @@ class EnvConfig:
     """The environment, built with ``atod_fast.envs.make(name, **kwargs)``."""
 
     name: str = "guess_number"
-    """Registered environment name (``atod-fast envs`` lists them)."""
+    """A built-in name (``atod-fast envs`` lists them), an entry point of group ``atod_fast.envs``, or
+    ``package.module:ClassOrFactory`` (any importable class or function returning an environment)."""
     kwargs: dict[str, Any] | None = None
     """Keyword arguments of the environment's constructor; null: the built-in defaults (guess_number: 1..31,
     5 guesses; other environments: their own defaults)."""
+    step_timeout_s: float | None = None
+    """Time limit of one reset or step in seconds (for environments that can hang: a JVM, a remote service);
+    a step over it ends its episode as failed, with a log line. null: no limit."""
 
     def __post_init__(self):
-        from ..envs import registered
+        from ..envs import EnvSpecError, resolve
 
-        _need(self.name in registered(), "env.name", f"one of {sorted(registered())}", self.name)
+        try:
+            resolve(self.name)
+        except EnvSpecError as e:
+            raise ConfigError(str(e)) from None
+        t = self.step_timeout_s
+        _need(t is None or (_num(t) and t > 0), "env.step_timeout_s", "null or a number > 0", t)
 
     def resolved_kwargs(self) -> dict[str, Any]:
         return dict(DEFAULT_ENV_KWARGS.get(self.name, {}) if self.kwargs is None else self.kwargs)
 
     def make(self, **extra):
         """A new environment; bad keyword arguments are a ConfigError naming env.kwargs."""
-        from ..envs import make
+        from ..envs import EnvSpecError, make
 
         kwargs = self.resolved_kwargs()
         try:
-            return make(self.name, **kwargs, **extra)
+            return make(self.name, step_timeout_s=self.step_timeout_s, **kwargs, **extra)
+        except EnvSpecError as e:
+            raise ConfigError(str(e)) from None
         except (TypeError, ValueError) as e:
             raise ConfigError(f"env.kwargs: {self.name} rejects {kwargs}: {e}") from None
 
