@@ -100,7 +100,7 @@ def parse_prompt_logprobs(body, ids: list[int], positions: list[int], k: int, vo
         scored.sort(key=lambda x: -x[0])
         own = _entry_logprob(entry, str(tok), where)
         sampled[r] = own
-        top = [(lp, i) for lp, i in scored[:k]]
+        top = scored[:k]
         out_ids[r].fill_(tok)
         for c, (lp, i) in enumerate(top):
             if 0 <= i < vocab:  # ids past the student's vocabulary (padded heads) stay padding
