@@ -11,12 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .codes import DIV_CODES, OUT_FIELDS, TEACHER_CODES
 from .softmax_tiles import grad_tile, jsd_constants, jsd_tile, stats_finish, stats_update
-
-# Row outputs, in the order of the ``out`` buffer's first axis.
-OUT_FIELDS = ("loss", "logprobs", "entropy", "distill", "pg", "kl", "clipped")
-TEACHER_CODES = {"none": 0, "dense": 1, "sparse": 2}
-DIV_CODES = {"reverse_kl": 0, "forward_kl": 1, "jsd": 2}
 
 
 @triton.jit

@@ -18,10 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .codes import DIV_CODES, TEACHER_CODES
 from .softmax_tiles import grad_tile, jsd_constants, jsd_tile, stats_finish, stats_update
 
-TEACHER_CODES = {"none": 0, "dense": 1, "sparse": 2}
-DIV_CODES = {"reverse_kl": 0, "forward_kl": 1, "jsd": 2}
 STATS = ("m_s", "log_ls", "entropy", "logprob", "distill", "kl_sm", "m_t", "log_lt")
 """Rows of the forward's [8, N] output. For a sparse teacher ``distill`` holds Σ p̂ z_s[id] and the
 host finishes the divergence; the backward reads Σ p̂ from the ``kl_sm`` row (the host puts it there)."""

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import torch
 
+from atod_fast.kernels.codes import OUT_FIELDS
+
 from .inputs import LossInputs
 from .rows_compiled import COMPILED_ROW_BUFFERS, compiled_rows, use_compiled
-from .rowwise import OUT_FIELDS, TORCH_ROW_BUFFERS, torch_rows
+from .rowwise import TORCH_ROW_BUFFERS, torch_rows
 
 HALF = (torch.bfloat16, torch.float16)
 CPU_BUDGET_BYTES = 256 << 20
@@ -51,7 +53,7 @@ class Head:
         self.dt = dt
 
     def logits(self, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Raw logits ``h Wᵀ + b``, into ``out`` (a reused [C, vocab] buffer) when operands allow. [C, H] -> [C, vocab]"""
+        """Raw logits ``h Wᵀ + b``, into ``out`` (a reused [C, vocab] buffer) if dtypes allow. [C, H] -> [C, vocab]"""
         if out is not None and h.dtype == self.w.dtype == self.dt:
             z = torch.mm(h, self.w.t(), out=out[: h.shape[0]])
         else:

@@ -151,7 +151,7 @@ def compiled_rows(zs, zt, tgt, old, adv, lam, ref, sparse_sums, scale, **hp):
     synchronisation is the join at the end. Returns None when compilation is unavailable or failed
     for this configuration (the caller then runs the eager function); a failure is logged once.
     """
-    key = tuple(sorted(hp.items())) + (ref is None, zt is None, sparse_sums is None)
+    key = (*sorted(hp.items()), ref is None, zt is None, sparse_sums is None)
     if key in _failed:
         return None
     fn = _rows_math
@@ -159,7 +159,7 @@ def compiled_rows(zs, zt, tgt, old, adv, lam, ref, sparse_sums, scale, **hp):
     args = (zs, zt, tgt, old, adv, lam, ref, sparse_sums, scale, hp)
     try:  # the first call compiles (or hits the cache) on this thread, before any worker starts
         outs = _run_span(fn, 0, min(SUB_ROWS, r), *args)
-    except Exception as e:  # noqa: BLE001 - any compiler failure falls back to eager, correct but slower
+    except Exception as e:  # any compiler failure falls back to eager: correct, slower
         _failed.add(key)
         _log.warning("torch.compile of the loss rows failed (%s: %s); using eager PyTorch",
                      type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
