@@ -75,6 +75,8 @@ def choose_chunk_size(n_rows: int, vocab: int, hidden: int, *, row_buffers: int,
     if c >= 64:
         c = c // 64 * 64
     c = max(1, min(c, n_rows))
+    if n_rows == 0:
+        return c
     return -(-n_rows // -(-n_rows // c))  # equal chunks: no small last chunk for a matmul to waste time on
 
 
