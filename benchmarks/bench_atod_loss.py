@@ -152,13 +152,14 @@ def _liger(kw, config, device):
     hp = CONFIGS[config]
     if hp["divergence"] != "jsd" or config not in LAM:
         return "no Liger counterpart"
-    jsd = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=hp["jsd_beta"])
+    compiled = os.environ.get("ATOD_FAST_COMPILE", "1") != "0"  # the dry run skips compiling Liger's chunks
+    jsd = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=hp["jsd_beta"], compiled=compiled)
     h, w, th, tw, tgt = (kw[k] for k in ("student_hidden", "student_weight", "teacher_hidden", "teacher_weight",
                                          "target_ids"))
     if config == "distill":
         return lambda: jsd(h, w, th, tw, tgt)
     # GRPO takes [B, T] sequences with one advantage each: the N tokens as 16 sequences.
-    grpo = LigerFusedLinearGRPOLoss(beta=hp["kl_coef"], loss_type="grpo")
+    grpo = LigerFusedLinearGRPOLoss(beta=hp["kl_coef"], loss_type="grpo", compiled=compiled)
     b = 16
     t = h.shape[0] // b
     mask = torch.ones(b, t, device=device)
@@ -197,7 +198,7 @@ def provider_fn(name, kw, config, device):
             return "backend not available in this build"
         if not triton_available():
             return "triton not installed"
-        if device.type != "cuda":
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             return "CPU: Triton runs only through its interpreter here, which is a correctness tool, not timed"
     if name == "reference_compile":
         compiled = torch.compile(lambda: atod_loss(**kw, backend="reference", **hp).loss)

@@ -35,11 +35,12 @@ _log = logging.getLogger(__name__)
 
 def _softmax_parts(z):
     """p, log p of the rows of z. [R, V] -> ([R, V], [R, V], [R, 1] log-sum-exp)"""
+    # p is exp(z − lse), not exp(z − max)/Σ: Inductor then recomputes it in each loop instead of
+    # realizing a [R, V] temporary (on the CPU every fresh one costs page faults).
     mx = z.amax(-1, keepdim=True)
-    e = torch.exp(z - mx)
-    s = e.sum(-1, keepdim=True)
-    lse = mx + torch.log(s)
-    return e / s, z - lse, lse
+    lse = mx + torch.log(torch.exp(z - mx).sum(-1, keepdim=True))
+    lp = z - lse
+    return torch.exp(lp), lp, lse
 
 
 def _divergence(p, lps, lse_s, zt, lam, sp, *, teacher, divergence, jsd_beta, inv_t, entropy_coef):
