@@ -182,12 +182,12 @@ def _fused_grad_kernel(
 CUDA_CONFIGS = {
     ("_fused_stats_kernel", 90, False): (64, 64, 64, 8, 3),
     ("_fused_stats_kernel", 80, False): (64, 64, 64, 8, 3),
-    ("_fused_stats_kernel", 90, True): (64, 64, 64, 8, 3),
-    ("_fused_stats_kernel", 80, True): (64, 64, 64, 8, 3),
+    ("_fused_stats_kernel", 90, True): (32, 64, 32, 8, 2),
+    ("_fused_stats_kernel", 80, True): (32, 64, 32, 8, 2),
     ("_fused_grad_kernel", 90, False): (64, 64, 32, 8, 2),
     ("_fused_grad_kernel", 80, False): (64, 64, 32, 8, 2),
-    ("_fused_grad_kernel", 90, True): (64, 64, 32, 8, 2),
-    ("_fused_grad_kernel", 80, True): (64, 64, 32, 8, 2),
+    ("_fused_grad_kernel", 90, True): (32, 32, 32, 8, 2),
+    ("_fused_grad_kernel", 80, True): (32, 64, 32, 8, 2),
 }
 
 

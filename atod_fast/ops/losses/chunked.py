@@ -116,6 +116,23 @@ def _rows_fn(kind: str, dt: torch.dtype, device: torch.device, elements: int):
     return atod_rows, 3
 
 
+def _grad_matmuls(dz, hc, w, grad_h_rows, grad_w, dt):
+    """``grad_h_rows = dz @ W`` and ``grad_w += dzᵀ @ h`` for one chunk (either may be None)."""
+    # Half-precision heads on CUDA: one rounded copy of dz feeds both tensor-core matmuls.
+    dz_op = dz.to(w.dtype) if w.dtype in HALF else dz
+    same = dz_op.dtype == w.dtype == hc.dtype == dt
+    if grad_h_rows is not None:
+        if same:
+            torch.mm(dz_op, w, out=grad_h_rows)
+        else:
+            grad_h_rows.copy_(mm_acc(dz_op, w, dt))
+    if grad_w is not None:
+        if same:  # accumulated in place: no [V, H] temporary per chunk
+            grad_w.addmm_(dz_op.t(), hc)
+        else:
+            grad_w += mm_acc(dz_op.t(), hc, dt)
+
+
 class _ChunkedAtodLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_s, w_s, b_s, x: LossInputs, kind: str, sink: dict):
@@ -188,20 +205,8 @@ class _ChunkedAtodLoss(torch.autograd.Function):
                 dz.scatter_add_(1, ids[s:e], -(lam[s:e, None] * scale) * p_hat[s:e])
             if grad_b is not None:
                 grad_b += dz.sum(0)
-            # Half-precision heads on CUDA: one rounded copy of dz feeds both tensor-core matmuls.
-            dz_op = dz.to(student.w.dtype) if student.w.dtype in HALF else dz
-            same = dz_op.dtype == student.w.dtype == hc.dtype == dt
-            if grad_h is not None:
-                if same:
-                    torch.mm(dz_op, student.w, out=grad_h[s:e])
-                else:
-                    grad_h[s:e] = mm_acc(dz_op, student.w, dt)
-            if grad_w is not None:
-                if same:  # accumulated in place: no [V, H] temporary per chunk
-                    grad_w.addmm_(dz_op.t(), hc)
-                else:
-                    grad_w += mm_acc(dz_op.t(), hc, dt)
-            del zs, zt, dz, dz_op
+            _grad_matmuls(dz, hc, student.w, None if grad_h is None else grad_h[s:e], grad_w, dt)
+            del zs, zt, dz
 
         loss = out[0].sum() / denom
         ctx.save_for_backward(idx, grad_h, grad_w, grad_b)
