@@ -69,8 +69,8 @@ step() {  # step NAME TIMEOUT_S CMD...
 }
 
 if [ "$DRY" = 1 ]; then
-  step tests 300 $PY -m pytest -q -x tests/test_loss_fused.py -k "test_matches_reference_fp32 and jsd" \
-       tests/test_gae.py -k "triton and not hypothesis"
+  step tests 300 $PY -m pytest -q -x tests/test_loss_fused.py tests/test_gae.py \
+       -k "(test_matches_reference_fp32 and jsd) or (test_all_actions_equals_textbook_gae and 37)"
   step bench_atod_loss 300 $PY benchmarks/bench_atod_loss.py --shapes "16,16,16,128" --reps 1 \
        --providers matmul,reference,torch,triton,triton_fused,liger --configs distill,atod --out "$OUT"
   step bench_gae 120 $PY benchmarks/bench_gae.py --batch 4 --lengths 64 --repeats 1 --loop-repeats 1 \
