@@ -7,6 +7,8 @@ import sys
 
 from .._version import __version__
 from .commands import add_train_commands
+from .export import add_export_command
+from .serve_teacher import add_serve_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "importable class or factory also works as env.name=package.module:ClassOrFactory.")
     p.set_defaults(func=_cmd_envs)
     add_train_commands(sub)
+    add_serve_command(sub)
+    add_export_command(sub)
     return parser
 
 

@@ -64,6 +64,29 @@ BUILTIN = "builtin"
 
 
 @dataclass(kw_only=True)
+class LoraSettings:
+    """LoRA adapters on the student (peft): only they and the value head train."""
+
+    r: int = 0
+    """Rank of the adapters; 0: no LoRA (every student parameter trains)."""
+    alpha: float = 16.0
+    """Scale numerator: the adapter's update is multiplied by alpha / r."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input during training."""
+    target_modules: list[str] | None = None
+    """Names of the linear modules that get adapters (e.g. [q_proj, v_proj]); null: peft's default for the
+    architecture."""
+
+    def check(self) -> None:
+        _need(_int(self.r) and self.r >= 0, "model.lora.r", "an integer >= 0", self.r)
+        _need(_num(self.alpha) and self.alpha > 0, "model.lora.alpha", "a number > 0", self.alpha)
+        _need(_num(self.dropout) and 0 <= self.dropout < 1, "model.lora.dropout", "a number in [0, 1)", self.dropout)
+        t = self.target_modules
+        _need(t is None or (len(t) > 0 and all(isinstance(m, str) and m for m in t)), "model.lora.target_modules",
+              "null or a non-empty list of module names", t)
+
+
+@dataclass(kw_only=True)
 class ModelConfig:
     """Which models play student, teacher and reference."""
 
@@ -87,13 +110,40 @@ class ModelConfig:
     """transformers attn_implementation of loaded models (e.g. flash_attention_2, sdpa); null: transformers' choice."""
     liger: bool = False
     """Apply Liger-Kernel's patches (RMSNorm, RoPE, SwiGLU) to the student; the LM head stays with the fused loss."""
+    teacher_server: str | None = None
+    """URL of a teacher behind vLLM's completions API (``vllm serve``, ``atod-fast serve-teacher``) scoring the
+    trajectories' token ids with top-k prompt log-probs (a sparse teacher: loss.divergence=forward_kl). The model
+    at model.teacher is then not loaded (a built-in student still takes its tokenizer from it). Needs the serve
+    extra."""
+    teacher_topk: int = 20
+    """k of the served teacher: prompt_logprobs per position (vllm serve refuses k above its --max-logprobs)."""
+    teacher_timeout_s: float = 120.0
+    """Seconds one scoring request to the teacher server may take before it is retried."""
+    teacher_retries: int = 3
+    """Retries of a failed or timed-out scoring request (exponential backoff); then the step is skipped."""
+    teacher_max_inflight: int = 8
+    """Scoring requests (one per trajectory) in flight at once, per rank."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA adapters on the student (model.lora.r > 0; needs the lora extra)."""
 
     def __post_init__(self):
+        t = self.teacher_server
+        _need(t is None or (isinstance(t, str) and t.startswith(("http://", "https://"))), "model.teacher_server",
+              "null or an http:// or https:// URL", t)
+        _need(_int(self.teacher_topk) and self.teacher_topk >= 1, "model.teacher_topk", "an integer >= 1",
+              self.teacher_topk)
+        _need(_num(self.teacher_timeout_s) and self.teacher_timeout_s > 0, "model.teacher_timeout_s",
+              "a number > 0", self.teacher_timeout_s)
+        for f in ("teacher_retries", "teacher_max_inflight"):
+            lo = 0 if f == "teacher_retries" else 1
+            _need(_int(getattr(self, f)) and getattr(self, f) >= lo, f"model.{f}", f"an integer >= {lo}",
+                  getattr(self, f))
         _need(isinstance(self.student, str) and self.student != "", "model.student", "a model name or path",
               self.student)
         _need(self.dtype in ("float32", "bfloat16"), "model.dtype", "float32 or bfloat16", self.dtype)
         _need(self.packing in ("auto", "packed", "padded"), "model.packing", "auto, packed or padded", self.packing)
         self.student_arch.check("model.student_arch")
+        self.lora.check()
 
 
 # The embedded default plays guess_number on 1..31 with 5 guesses: bisection always wins there, so
@@ -496,9 +546,12 @@ class TrainConfig:
               "auto, cpu, cuda or cuda:N", self.device)
         _need(self.cpu_threads is None or (_int(self.cpu_threads) and self.cpu_threads >= 1), "cpu_threads",
               "null or an integer >= 1", self.cpu_threads)
-        if self.schedule.mode != "rl":
+        if self.schedule.mode != "rl" and self.model.teacher_server is None:
             _need(self.model.teacher is not None, "model.teacher",
                   f"a teacher for schedule.mode={self.schedule.mode} (null only with mode rl)", None)
+        if self.model.teacher_server is not None:  # the loss takes a top-k teacher with forward KL only
+            _need(self.loss.divergence == "forward_kl", "loss.divergence",
+                  "forward_kl with model.teacher_server (a top-k teacher)", self.loss.divergence)
 
 
 @dataclass(kw_only=True)
@@ -598,6 +651,9 @@ def config_hash(obj: Any) -> str:
 
 # Keys that may change when resuming a run (everything else must match the checkpoint's config).
 RESUMABLE_KEYS = ("output_dir", "max_steps", "device", "checkpoint", "logging", "eval")
+# Where the teacher is served and how it is asked may change (a restarted server on another host), not whether.
+RESUMABLE_SUBKEYS = ("model.teacher_server", "model.teacher_timeout_s", "model.teacher_retries",
+                     "model.teacher_max_inflight")
 
 
 def incompatible_keys(saved: TrainConfig, new: TrainConfig) -> list[str]:
@@ -608,7 +664,9 @@ def incompatible_keys(saved: TrainConfig, new: TrainConfig) -> list[str]:
             continue
         a, b = getattr(saved, f.name), getattr(new, f.name)
         if hasattr(a, "__dataclass_fields__"):
-            out += [f"{f.name}.{g.name}" for g in fields(a) if getattr(a, g.name) != getattr(b, g.name)]
+            out += [f"{f.name}.{g.name}" for g in fields(a) if getattr(a, g.name) != getattr(b, g.name)
+                    and not (f"{f.name}.{g.name}" in RESUMABLE_SUBKEYS and None not in (getattr(a, g.name),
+                                                                                         getattr(b, g.name)))]
         elif a != b:
             out.append(f.name)
     return out
