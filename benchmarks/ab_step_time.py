@@ -22,12 +22,14 @@ from pathlib import Path
 
 WORKER = r"""
 import json, sys, time
+sys.meta_path = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]  # PYTHONPATH's tree
 from atod_fast.trainer.config import load_train_config
 from atod_fast.trainer.loop import Trainer
 cfg = load_train_config(None, sys.argv[1:])
 tr = Trainer(cfg)
 tr.setup(progress=False)
-print(json.dumps({"ready": True}), flush=True)
+import atod_fast
+print(json.dumps({"ready": True, "src": atod_fast.__file__}), flush=True)
 for line in sys.stdin:
     step = int(line)
     t0 = time.perf_counter()
@@ -69,10 +71,13 @@ def main(argv=None) -> int:
     ap.add_argument("--block", type=int, default=2, help="steps per turn of each worker")
     ap.add_argument("--skip", type=int, default=1, help="first steps left out of the medians (warm-up)")
     ap.add_argument("--json", type=Path, default=None, help="write the per-step records here")
+    ap.add_argument("--b-set", action="append", default=[], metavar="key.sub=value",
+                    help="an override for B alone (e.g. cpu_threads=2), repeatable")
     ap.add_argument("overrides", nargs="*", metavar="key.sub=value")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        workers = {name: start(src, args.overrides, Path(tmp) / name) for name, src in (("a", args.a), ("b", args.b))}
+        workers = {name: start(src, [*args.overrides, *extra], Path(tmp) / name)
+                   for name, src, extra in (("a", args.a, []), ("b", args.b, args.b_set))}
         recs = {"a": [], "b": []}
         for first in range(1, args.steps + 1, args.block):
             for name, p in workers.items():
