@@ -43,12 +43,15 @@ def start(src: Path, overrides: list[str], out: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(src.resolve())}
     p = subprocess.Popen([sys.executable, "-c", WORKER, f"output_dir={out}", "logging.progress=false",
                           "logging.tensorboard=false", *overrides], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                         text=True, env=env)
+                         text=True, env=env, cwd=out.parent)  # not the checkout: "" on sys.path is the cwd
     while True:
         line = p.stdout.readline()
         if not line:
             raise RuntimeError(f"the worker of {src} exited before it was ready")
-        if line.startswith("{") and json.loads(line).get("ready"):
+        if line.startswith("{") and (msg := json.loads(line)).get("ready"):
+            print(f"worker of {src}: atod_fast from {msg['src']}", file=sys.stderr)
+            if not Path(msg["src"]).resolve().is_relative_to(src.resolve()):
+                raise RuntimeError(f"the worker of {src} imported atod_fast from {msg['src']}")
             return p
 
 
