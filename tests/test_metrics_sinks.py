@@ -65,6 +65,8 @@ def wandb_run(run_dir: Path) -> dict:
             elif kind == "run":
                 out["project"], out["name"] = rec.run.project, rec.run.display_name
                 out["config"].update({u.key: json.loads(u.value_json) for u in rec.run.config.update})
+            elif kind == "config":  # W&B may write the config in a record of its own, after the run record
+                out["config"].update({u.key: json.loads(u.value_json) for u in rec.config.update})
     return out
 
 
