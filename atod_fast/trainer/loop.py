@@ -36,11 +36,13 @@ from .checkpoint import latest_checkpoint, load_rank_rng, load_trainer_state, re
 from .config import BUILTIN, ConfigError, TrainConfig, incompatible_keys, load_train_config, to_yaml
 from .distributed import Dist, make_engine, shard_teacher_zero3, whiten_global
 from .evaluation import evaluate_model, format_table
+from .grpo import GrpoEstimator, group_env_seeds, sample_keys
+from .handover import HandoverController
 from .metrics import MetricsWriter
 from .models import Policy, check_same_tokenizer, decoder_of, freeze, lm_head, load_causal_lm, tiny_llama
 from .packing import Packed, last_hidden_states, pack
 from .rollout import ChatFormat, Trajectory, play, rollout_sums, stats_from_sums, stop_token_ids
-from .seeds import step_seed, train_seeds
+from .seeds import step_seed
 
 log = logging.getLogger("atod_fast")
 
@@ -76,10 +78,40 @@ def build_schedule(cfg: TrainConfig, turn_horizon: int) -> AnnealSchedule:
                           time_decay=s.time_decay, turn_decay=s.turn_decay)
 
 
-def _lr_lambda(cfg: TrainConfig):
+class FixedLambda:
+    """λ from an AnnealSchedule from step 0 (handover=fixed, opd, rl): the controller interface, nothing to learn."""
+
+    def __init__(self, schedule: AnnealSchedule):
+        self.schedule = schedule
+        self.lambda_max, self.turn_horizon = schedule.lambda_max, schedule.turn_horizon
+
+    def lam(self, step: int, turn_idx: torch.Tensor) -> torch.Tensor:
+        return self.schedule(step - 1, turn_idx)
+
+    def observe(self, step: int, stats: dict) -> None:
+        pass
+
+    def value_only(self, step: int) -> bool:
+        return False
+
+    def lr_factor(self, step: int) -> float:
+        return 1.0
+
+    def metrics(self) -> dict:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def _lr_lambda(cfg: TrainConfig, factor=lambda step: 1.0):
+    """LR multiplier after k finished steps (for step k + 1), times ``factor(k + 1)`` (the hand-over's scale)."""
     o, total = cfg.optim, cfg.max_steps
 
-    def f(k: int) -> float:
+    def base(k: int) -> float:
         if k < o.warmup_steps:
             return (k + 1) / o.warmup_steps
         if o.lr_schedule == "constant":
@@ -88,7 +120,7 @@ def _lr_lambda(cfg: TrainConfig):
         decay = 1.0 - p if o.lr_schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * p))
         return o.min_lr_ratio + (1.0 - o.min_lr_ratio) * decay
 
-    return f
+    return lambda k: base(k) * factor(k + 1)
 
 
 @dataclass
@@ -209,11 +241,11 @@ class Trainer:
         self.fmt = ChatFormat(tok, stop_token_ids(lm, tok), cfg.model.chat_template)
         probe = cfg.env.make()
         self.max_turns = cfg.rollout.max_turns or probe.max_turns
-        self.schedule = build_schedule(cfg, self.max_turns)
+        self.lam_ctl = self._build_lambda(teacher, tok)
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(policy.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                                            weight_decay=o.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg, self.lam_ctl.lr_factor))
         self.engine = make_engine(cfg.distributed, policy, self.optimizer, max_grad_norm=o.max_grad_norm,
                                   device=self.device, world=self.dist.world)
         if self.resume_from is not None:
@@ -223,6 +255,7 @@ class Trainer:
             set_rng_state(load_rank_rng(self.resume_from, self.dist.rank) or st["rng"])
             self.start_step = st["step"]
             self.nonfinite_streak = st.get("nonfinite_streak", 0)
+            self.lam_ctl.load_state_dict(st.get("lam", {}))
         w_s, _ = lm_head(lm)
         self.vocab_size = None
         if teacher is not None and lm_head(teacher)[0].shape[0] != w_s.shape[0]:
@@ -230,6 +263,24 @@ class Trainer:
         if cfg.rollout.engine == "vllm":
             self.vllm = self._build_vllm(lm, tok)
             self.sync_vllm()  # also brings in the weights of a resumed checkpoint
+
+    def _build_lambda(self, teacher, tok):
+        cfg, s = self.cfg, self.cfg.schedule
+        if not cfg.gated:
+            return FixedLambda(build_schedule(cfg, self.max_turns))
+        if cfg.distributed.teacher_zero3:
+            raise ConfigError("schedule.handover: auto measures the teacher on one rank, which a ZeRO-3 sharded "
+                              "teacher cannot do; set schedule.handover=fixed with distributed.teacher_zero3")
+        from .teacher_success import teacher_train_success
+
+        with self.dist.main_first():  # rank 0 measures and caches, the others read the cache
+            bar = teacher_train_success(cfg, teacher, tok, self.teacher_path, self.device)
+        return HandoverController(turn_horizon=s.turn_horizon or self.max_turns, max_steps=cfg.max_steps,
+                                  teacher_success=bar, lambda_max=s.lambda_max, lambda_min=s.lambda_min,
+                                  time_decay=s.time_decay, turn_decay=s.turn_decay, anneal_steps=s.anneal_steps,
+                                  gate_window=s.gate_window, gate_ratio=s.gate_ratio,
+                                  gate_divergence=s.gate_divergence, lr_scale=cfg.optim.handover_lr_scale,
+                                  value_warmup_steps=cfg.ppo.value_warmup_steps)
 
     def _build_vllm(self, lm, tok):
         """One colocated vLLM engine on this rank's GPU over the student's architecture (weights: the next sync)."""
@@ -275,7 +326,9 @@ class Trainer:
         cfg = self.cfg
         d = self.dist
         # Rank r plays episodes r, r + world, ... of the step, sampling from its own generator.
-        seeds = train_seeds(cfg.seed, step, cfg.rollout.episodes_per_step)[d.rank::d.world]
+        n, g = cfg.rollout.episodes_per_step, cfg.group_size
+        ids = list(range(n))[d.rank::d.world]
+        seeds = group_env_seeds(cfg.seed, step, n, g)[d.rank::d.world]
         envs = [cfg.env.make() for _ in seeds]
         torch.manual_seed((step_seed(cfg.seed, step) + 1_000_003 * d.rank) % (1 << 62))
         generate = None
@@ -284,7 +337,8 @@ class Trainer:
         return play(self.models.policy.lm, self.models.tokenizer, self.fmt, envs, seeds, max_turns=self.max_turns,
                     max_new_tokens=cfg.rollout.max_new_tokens, max_episode_tokens=cfg.rollout.max_episode_tokens,
                     temperature=cfg.rollout.temperature, device=self.device,
-                    any_rank_active=d.any if self.engine.zero3 and generate is None else None, generate=generate)
+                    any_rank_active=d.any if self.engine.zero3 and generate is None else None, generate=generate,
+                    sample_keys=sample_keys(seeds, ids, g))
 
     def _autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
@@ -327,11 +381,27 @@ class Trainer:
         with self.engine.gathered(lm_head(m.policy.lm)):
             old_logprobs = self._logprobs(h[arow], m.policy.lm, targets)
         out = {"targets": targets, "old_logprobs": old_logprobs, "old_values": values_tok[arow]}
-        if m.teacher is not None and self.schedule.lambda_max > 0:
+        if m.teacher is not None and self.lam_ctl.lambda_max > 0:
             out["teacher_hidden"] = self._hidden(m.teacher, packed)[arow]
         if m.reference is not None:
             out["ref_logprobs"] = self._logprobs(self._hidden(m.reference, packed)[arow], m.reference, targets)
+        out["counts"] = [sum(t.action_mask[1:]) for t in trajs]
+        if cfg.ppo.advantage == "grpo":
+            d = self.dist
+            adv = GrpoEstimator(cfg.group_size).token_advantages(
+                torch.tensor([t.reward for t in trajs]), list(range(cfg.rollout.episodes_per_step))[d.rank::d.world],
+                cfg.rollout.episodes_per_step, out["counts"],
+                all_reduce=(lambda x: d.all_reduce(x.to(d.comm_device))) if d.world > 1 else None)
+            out["advantages"], out["returns"] = adv.to(self.device), torch.zeros_like(adv, device=self.device)
+        else:
+            out["advantages"], out["returns"] = self._gae(trajs, packed, values_tok)
+        turn = torch.tensor([k for t in trajs for k in t.turn_idx], dtype=torch.long, device=self.device)
+        out["lam"] = self.lam_ctl.lam(step, turn[arow + 1])
+        out["trajs"] = trajs
+        return out
 
+    def _gae(self, trajs, packed, values_tok):
+        cfg = self.cfg
         # GAE runs over the rows 0 .. len-2 of every trajectory (each predicts the next token); a
         # turn's reward sits on the row that predicts the turn's last agent token.
         cu_tok = packed.cu_seqlens
@@ -354,12 +424,7 @@ class Trainer:
             adv = whiten_global(adv, self.dist).to(self.device)  # statistics of the global batch
         elif cfg.ppo.whiten_advantages and adv.numel() > 1:
             adv = masked_whiten(adv, torch.ones_like(adv, dtype=torch.bool))
-        out["advantages"], out["returns"] = adv, ret
-        turn = torch.tensor([k for t in trajs for k in t.turn_idx], dtype=torch.long, device=self.device)
-        out["lam"] = self.schedule(step - 1, turn[arow + 1])
-        out["counts"] = [sum(t.action_mask[1:]) for t in trajs]
-        out["trajs"] = trajs
-        return out
+        return adv, ret
 
     def update(self, step: int, data: dict) -> dict:
         """PPO epochs × minibatches. A minibatch is a set of the step's episodes over all ranks; each rank
@@ -400,7 +465,7 @@ class Trainer:
                 packed, arow = self._layout([trajs[i] for i in idx])
                 with self.engine.gathered(teacher_head if cfg.distributed.teacher_zero3 else ()):
                     res = self.engine(packed, arow, packing=cfg.model.packing, autocast=self.device.type == "cuda",
-                                      loss_fn=self._loss_fn(batch, teacher_head))
+                                      loss_fn=self._loss_fn(batch, teacher_head, self.lam_ctl.value_only(step)))
                     total = res["total"]
                     if d.any(not bool(torch.isfinite(total))):
                         skipped += 1
@@ -421,9 +486,6 @@ class Trainer:
                                   ("kl", out.kl.sum().item()), ("entropy", out.entropy.sum().item()),
                                   ("clipfrac", out.clipped.float().sum().item())):
                     sums[name] = sums.get(name, 0.0) + val
-        with warnings.catch_warnings():  # the LR schedule follows training steps, even fully skipped ones
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
-            self.scheduler.step()
         names = ("loss", "value_loss", "distill", "pg", "kl", "entropy", "clipfrac")
         reduced = d.sum_floats([sums.get(k, 0.0) for k in names] + [float(n_rows)])
         n_rows = reduced[-1]
@@ -433,7 +495,7 @@ class Trainer:
         metrics["nonfinite"] = skipped > 0
         return metrics
 
-    def _loss_fn(self, d: dict, teacher_head):
+    def _loss_fn(self, d: dict, teacher_head, value_only: bool = False):
         """The minibatch's loss from the student's hidden states (called inside the engine's forward)."""
         cfg = self.cfg
         w_t, b_t = teacher_head
@@ -453,6 +515,10 @@ class Trainer:
                 v_clip = d["old_values"] + (v - d["old_values"]).clamp(-cfg.ppo.value_clip, cfg.ppo.value_clip)
                 v_loss = torch.maximum(v_loss, (v_clip - d["returns"]) ** 2)
             v_loss = 0.5 * v_loss.mean()
+            if cfg.ppo.advantage == "grpo":  # no critic: the value head stays in the graph (DDP) with no gradient
+                return {"total": out.loss + 0.0 * v.sum(), "value_loss": torch.zeros(()), "out": out}
+            if value_only:  # the value head's warm-up after the hand-over
+                return {"total": cfg.ppo.value_loss_coef * v_loss + 0.0 * out.loss, "value_loss": v_loss, "out": out}
             return {"total": out.loss + cfg.ppo.value_loss_coef * v_loss, "value_loss": v_loss, "out": out}
 
         return loss_fn
@@ -473,22 +539,29 @@ class Trainer:
         stats = stats_from_sums(reduced[:-3])
         lam_sum, lam_n, action_tokens = reduced[-3:]
         n_tokens = int(stats["episode_tokens_mean"] * reduced[0])
-        horizon = self.schedule.turn_horizon
-        lam_turn = self.schedule(step - 1, torch.arange(max(horizon, self.max_turns))).tolist()
-        return {
+        horizon = self.lam_ctl.turn_horizon
+        lam_turn = self.lam_ctl.lam(step, torch.arange(max(horizon, self.max_turns))).tolist()
+        out = {
             "step": step, **metrics,
             "lambda_mean": lam_sum / lam_n if lam_n else float("nan"),
             "lambda_turn": [round(x, 6) for x in lam_turn],
             **stats, "tokens": n_tokens, "action_tokens": int(action_tokens),
             "tokens_per_s": n_tokens / max(t2 - t0, 1e-9), "rollout_s": t1 - t0, "update_s": t2 - t1,
-            "lr": self.scheduler.get_last_lr()[0],
         }
+        self.lam_ctl.observe(step, out)  # may open the hand-over gate: before the LR of the next step is set
+        out.update(self.lam_ctl.metrics())
+        with warnings.catch_warnings():  # the LR schedule follows training steps, even fully skipped ones
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+            self.scheduler.step()
+        out["lr"] = self.scheduler.get_last_lr()[0]
+        return out
 
     # ----------------------------------------------------------------- the loop
     def save(self, step: int) -> Path:
         return save_checkpoint(self.run_dir, step, policy=self.models.policy, tokenizer=self.models.tokenizer,
                                engine=self.engine, dist=self.dist, scheduler=self.scheduler,
-                               config_yaml=to_yaml(self.cfg), state={"nonfinite_streak": self.nonfinite_streak},
+                               config_yaml=to_yaml(self.cfg), state={"nonfinite_streak": self.nonfinite_streak,
+                                                                  "lam": self.lam_ctl.state_dict()},
                                max_steps=self.cfg.max_steps, keep_last=self.cfg.checkpoint.keep_last)
 
     def train(self) -> dict:

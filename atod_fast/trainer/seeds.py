@@ -4,6 +4,7 @@ from __future__ import annotations
 
 _EVAL_BASE = 1 << 40
 _DEMO_BASE = 1 << 41
+_PROBE_BASE = 1 << 42
 _PER_STEP = 1 << 16
 
 
@@ -23,6 +24,11 @@ def eval_seeds(n: int) -> list[int]:
 def demo_seeds(seed: int, n: int) -> list[int]:
     """Seeds of expert demonstrations for SFT."""
     return [_DEMO_BASE + seed * 10_000_000 + i for i in range(n)]
+
+
+def probe_seeds(n: int) -> list[int]:
+    """Seeds of the teacher's training-distribution episodes (the hand-over gate's bar), the same for every run."""
+    return [_PROBE_BASE + i for i in range(n)]
 
 
 def step_seed(seed: int, step: int, salt: int = 0) -> int:
