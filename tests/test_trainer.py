@@ -229,7 +229,8 @@ def test_prepare_places_rewards_and_lambda_per_turn(teacher_path):
     from atod_fast.trainer.loop import Trainer
 
     cfg = load_train_config(None, [*TINY, "ppo.gamma=1.0", "ppo.gae_lambda=1.0", "ppo.whiten_advantages=false",
-                                   "rollout.episodes_per_step=8", "rollout.max_turns=3"])
+                                   "rollout.episodes_per_step=8", "rollout.max_turns=3",
+                                   "schedule.handover=fixed"])
     tr = Trainer(cfg)
     tr.setup(progress=False)
     trajs = tr.rollout(1)
@@ -240,7 +241,7 @@ def test_prepare_places_rewards_and_lambda_per_turn(teacher_path):
         assert n == len(pos)
         assert data["targets"][off:off + n].tolist() == [t.tokens[i] for i in pos]
         turns = torch.tensor([t.turn_idx[i] for i in pos])
-        assert torch.equal(data["lam"][off:off + n], tr.schedule(0, turns))
+        assert torch.equal(data["lam"][off:off + n], tr.lam_ctl.schedule(0, turns))
         if not t.truncated:
             to_go = torch.tensor([sum(t.turn_rewards[k:]) for k in turns.tolist()])
             torch.testing.assert_close(data["returns"][off:off + n].cpu(), to_go)

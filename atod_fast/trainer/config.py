@@ -518,6 +518,9 @@ class TrainConfig:
               "auto, cpu, cuda or cuda:N", self.device)
         _need(self.cpu_threads is None or (_int(self.cpu_threads) and self.cpu_threads >= 1), "cpu_threads",
               "null or an integer >= 1", self.cpu_threads)
+        _need(self.ppo.value_warmup_steps == 0 or self.distributed.engine != "deepspeed", "ppo.value_warmup_steps",
+              "0 with distributed.engine=deepspeed (the warm-up steps the value head alone)",
+              self.ppo.value_warmup_steps)
         if self.schedule.mode != "rl":
             _need(self.model.teacher is not None, "model.teacher",
                   f"a teacher for schedule.mode={self.schedule.mode} (null only with mode rl)", None)

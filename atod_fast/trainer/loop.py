@@ -446,6 +446,7 @@ class Trainer:
             raise RuntimeError(f"rank {d.rank}: none of its episodes has an agent token; raise "
                                "rollout.max_episode_tokens")
         teacher_head = lm_head(m.teacher) if "teacher_hidden" in data else (None, None)
+        value_only = self.lam_ctl.value_only(step)
         gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, salt=1))
         sums: dict[str, float] = {}
         n_rows, skipped, grad_norms = 0, 0, []
@@ -465,12 +466,15 @@ class Trainer:
                 packed, arow = self._layout([trajs[i] for i in idx])
                 with self.engine.gathered(teacher_head if cfg.distributed.teacher_zero3 else ()):
                     res = self.engine(packed, arow, packing=cfg.model.packing, autocast=self.device.type == "cuda",
-                                      loss_fn=self._loss_fn(batch, teacher_head, self.lam_ctl.value_only(step)))
+                                      loss_fn=self._loss_fn(batch, teacher_head, value_only))
                     total = res["total"]
                     if d.any(not bool(torch.isfinite(total))):
                         skipped += 1
                         continue
                     self.engine.backward(total * weight)
+                if value_only:  # the value head's warm-up: AdamW skips parameters without a gradient
+                    for p in m.policy.lm.parameters():
+                        p.grad = None
                 gn = self.engine.step()
                 if gn is None:
                     skipped += 1
