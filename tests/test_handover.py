@@ -162,7 +162,7 @@ def test_handover_config_defaults():
     assert not load_train_config(None, ["schedule.handover=fixed"]).gated
     assert not load_train_config(None, ["schedule.mode=opd"]).gated
     with pytest.raises(ConfigError, match=r"schedule\.anneal_steps"):
-        load_train_config(None, ["schedule.handover=fixed", "schedule.anneal_steps=10"])
+        load_train_config(None, ["schedule.handover=fixed", "schedule.anneal_steps=10"])  # not its default
     load_train_config(None, ["schedule.handover=fixed", "schedule.total_steps=10"])
     load_train_config(None, ["schedule.mode=opd", "schedule.total_steps=10"])  # constant λ: nothing to anneal
 

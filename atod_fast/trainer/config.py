@@ -169,6 +169,10 @@ class RolloutConfig:
               self.temperature)
 
 
+ANNEAL_STEPS = 60
+"""Default length of the anneal after the hand-over gate (schedule.anneal_steps)."""
+
+
 @dataclass(kw_only=True)
 class ScheduleConfig:
     """λ(t, τ): the weight of distillation against PPO per token (see ``AnnealSchedule``)."""
@@ -181,11 +185,11 @@ class ScheduleConfig:
     over total_steps."""
     total_steps: int | None = None
     """handover=fixed: steps over which λ anneals in time; null: max_steps."""
-    anneal_steps: int | None = None
+    anneal_steps: int | None = ANNEAL_STEPS
     """handover=auto: steps over which λ anneals after the gate (and the value warm-up); null: the rest of the run."""
     gate_window: int = 10
     """handover=auto: the gate looks at the mean of the last this many steps."""
-    gate_ratio: float = 1.0
+    gate_ratio: float = 0.9
     """handover=auto: open the gate when the student's training success (window mean) is >= this × the teacher's
     success on training-distribution episodes (measured once, cached beside the teacher)."""
     gate_divergence: float | None = None
@@ -209,8 +213,9 @@ class ScheduleConfig:
             _need(self.handover == "fixed" or self.total_steps is None, "schedule.total_steps",
                   "null under schedule.handover=auto (the anneal after the gate lasts schedule.anneal_steps)",
                   self.total_steps)
-            _need(self.handover == "auto" or self.anneal_steps is None, "schedule.anneal_steps",
-                  "null under schedule.handover=fixed (the anneal lasts schedule.total_steps)", self.anneal_steps)
+            _need(self.handover == "auto" or self.anneal_steps == ANNEAL_STEPS, "schedule.anneal_steps",
+                  "its default under schedule.handover=fixed (the anneal lasts schedule.total_steps)",
+                  self.anneal_steps)
         for f in ("anneal_steps",):
             v = getattr(self, f)
             _need(v is None or (_int(v) and v >= 1), f"schedule.{f}", "null or an integer >= 1", v)
@@ -490,7 +495,7 @@ class TrainConfig:
     """Run directory: resolved config, metrics.jsonl, TensorBoard events, checkpoints."""
     seed: int = 0
     """Seed of model init, environment seeds, sampling and minibatch order."""
-    max_steps: int = 150
+    max_steps: int = 200
     """Training steps (one rollout batch and one PPO update each)."""
     device: str = "auto"
     """auto (CUDA when available), cpu, cuda or cuda:N."""
