@@ -153,3 +153,15 @@ def test_engines_that_seed_requests_get_distinct_keys_within_a_group(tok_and_lm)
         play(lm, tok, ChatFormat(tok, stop), [make("guess_number")], [1], max_turns=1, max_new_tokens=4,
              max_episode_tokens=512, temperature=1.0, device=torch.device("cpu"), generate=generate,
              sample_keys=[1, 2])
+
+
+def test_estimator_on_a_step_batch_gives_no_value_targets():
+    from types import SimpleNamespace
+
+    trajs = [SimpleNamespace(turn_rewards=r) for r in ([0.0, 1.0], [0.0], [0.0, 0.0, 1.0], [1.0])]
+    batch = SimpleNamespace(trajs=trajs, counts=[2, 1, 3, 1], device=torch.device("cpu"))
+    adv, ret = GrpoEstimator(2)(batch, None)
+    assert ret is None
+    want = GrpoEstimator(2).episode_advantages(torch.tensor([1.0, 0.0, 1.0, 1.0]), range(4), 4)
+    torch.testing.assert_close(adv, want.repeat_interleave(torch.tensor([2, 1, 3, 1])))
+    assert adv[:3].tolist() == pytest.approx([0.7071, 0.7071, -0.7071], abs=1e-4) and adv[3:].abs().max() == 0

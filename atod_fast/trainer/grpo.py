@@ -43,14 +43,30 @@ def episode_returns(turn_rewards: Sequence[Sequence[float]]) -> torch.Tensor:
 
 
 class GrpoEstimator:
-    """Group-normalized episode returns on every agent token; no critic."""
+    """Group-normalized episode returns on every agent token; no critic (an ``AdvantageEstimator``).
+
+    ``dist``: the process group (rank r holds episodes r, r + world, ... of the step's ``n_global``);
+    None: one process.
+    """
 
     needs_values = False
 
-    def __init__(self, group_size: int):
+    def __init__(self, group_size: int, n_global: int | None = None, dist=None):
         if group_size < 2:
             raise ValueError(f"group_size must be >= 2 (a singleton group's advantage is 0), got {group_size}")
-        self.group_size = group_size
+        if n_global is not None and n_global % group_size:
+            raise ValueError(f"n_global={n_global} is not a multiple of group_size={group_size}")
+        self.group_size, self.n_global, self.dist = group_size, n_global, dist
+
+    def __call__(self, batch, values: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
+        """(advantages ``[A]`` on the batch's device, None: no value targets) for a ``StepBatch``."""
+        d = self.dist
+        world, rank = (d.world, d.rank) if d is not None else (1, 0)
+        n_global = self.n_global or len(batch.trajs) * world
+        all_reduce = (lambda x: d.all_reduce(x.to(d.comm_device))) if world > 1 else None
+        returns = episode_returns([t.turn_rewards for t in batch.trajs])
+        adv = self.token_advantages(returns, list(range(n_global))[rank::world], n_global, batch.counts, all_reduce)
+        return adv.to(batch.device), None
 
     def episode_advantages(self, returns: torch.Tensor, episode_ids: Sequence[int], n_global: int,
                            all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:

@@ -98,6 +98,10 @@ class HandoverController:
             return torch.full(turn_idx.shape, self.lambda_max, dtype=torch.float32, device=turn_idx.device)
         return self.schedule()(step - start, turn_idx)
 
+    def lambda_turn(self, step: int, n_turns: int) -> list[float]:
+        """λ of turns 0 .. max(turn_horizon, n_turns) − 1 at ``step`` (the ``lambda_turn`` metric)."""
+        return self.lam(step, torch.arange(max(self.turn_horizon, n_turns))).tolist()
+
     def value_only(self, step: int) -> bool:
         """True on the value head's warm-up steps: the policy loss is off, the value loss alone trains."""
         h = self.handover_step
