@@ -495,7 +495,7 @@ class TrainConfig:
     """Run directory: resolved config, metrics.jsonl, TensorBoard events, checkpoints."""
     seed: int = 0
     """Seed of model init, environment seeds, sampling and minibatch order."""
-    max_steps: int = 200
+    max_steps: int = 250
     """Training steps (one rollout batch and one PPO update each)."""
     device: str = "auto"
     """auto (CUDA when available), cpu, cuda or cuda:N."""
