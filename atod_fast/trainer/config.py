@@ -526,6 +526,8 @@ class TrainConfig:
         _need(self.ppo.value_warmup_steps == 0 or self.distributed.engine != "deepspeed", "ppo.value_warmup_steps",
               "0 with distributed.engine=deepspeed (the warm-up steps the value head alone)",
               self.ppo.value_warmup_steps)
+        _need(not (self.gated and self.distributed.teacher_zero3), "schedule.handover",
+              "fixed with distributed.teacher_zero3 (auto measures the teacher on one rank)", self.schedule.handover)
         if self.schedule.mode != "rl":
             _need(self.model.teacher is not None, "model.teacher",
                   f"a teacher for schedule.mode={self.schedule.mode} (null only with mode rl)", None)

@@ -129,3 +129,43 @@ class HandoverController:
         # The threshold the run started with: a re-measured (e.g. rebuilt) teacher must not move a resumed gate.
         self.teacher_success = state["teacher_success"]
 
+
+
+# ----------------------------------------------------------------- the trainer's side
+def make_controller(cfg, models, *, max_turns: int, teacher_path: str | None, dist, device: torch.device):
+    """The λ controller the config asks for: the hand-over (``schedule.handover=auto`` under ``mode=atod``; the
+    teacher's bar is measured on rank 0 first, the other ranks read its cache) or the fixed schedule."""
+    from .lam import ScheduleController, build_schedule
+
+    if not cfg.gated:
+        return ScheduleController(build_schedule(cfg, max_turns))
+    from .teacher_success import teacher_train_success
+
+    with dist.main_first():
+        bar = teacher_train_success(cfg, models.teacher, models.tokenizer, teacher_path, device)
+    s = cfg.schedule
+    return HandoverController(turn_horizon=s.turn_horizon or max_turns, max_steps=cfg.max_steps, teacher_success=bar,
+                              lambda_max=s.lambda_max, lambda_min=s.lambda_min, time_decay=s.time_decay,
+                              turn_decay=s.turn_decay, anneal_steps=s.anneal_steps, gate_window=s.gate_window,
+                              gate_ratio=s.gate_ratio, gate_divergence=s.gate_divergence,
+                              lr_scale=cfg.optim.handover_lr_scale, value_warmup_steps=cfg.ppo.value_warmup_steps)
+
+
+# A λ controller may also act on the learning rate, the value warm-up and the log (the hand-over does); these
+# read what it offers and default to nothing for those that do not.
+def lr_factor(controller, step: int) -> float:
+    f = getattr(controller, "lr_factor", None)
+    return 1.0 if f is None else f(step)
+
+
+def value_only(controller, step: int) -> bool:
+    f = getattr(controller, "value_only", None)
+    return False if f is None else f(step)
+
+
+def after_observe(controller, learner) -> dict:
+    """Once the controller has seen a step: its metrics, and the LR of the next step set again (the gate may
+    have just scaled it), as logged fields."""
+    learner.refresh_lr()
+    extra = controller.metrics() if hasattr(controller, "metrics") else {}
+    return {**extra, "lr": learner.scheduler.get_last_lr()[0]}
