@@ -21,3 +21,27 @@ def tok_and_lm():
     tok = build_tokenizer(corpus, 300)
     lm = tiny_llama(TinyArch(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64), tok, seed=0)
     return tok, lm
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """Overrides for the smallest end-to-end ``atod-fast train`` run; the built-in teacher they name is made once
+    per module, in a private cache that subprocesses inherit."""
+    from atod_fast.trainer.config import load_train_config
+    from atod_fast.trainer.loop import teacher_location
+
+    overrides = [
+        "sft.steps=20", "sft.episodes=64", "sft.batch_size=8", "sft.arch.hidden_size=32",
+        "sft.arch.intermediate_size=64", "sft.arch.num_heads=2", "model.student_arch.hidden_size=32",
+        "model.student_arch.intermediate_size=64", "model.student_arch.num_heads=2", "rollout.episodes_per_step=6",
+        "eval.episodes=8", "logging.progress=false", "logging.tensorboard=false", "checkpoint.every=1",
+        "eval.at_end=false",
+    ]
+    old = os.environ.get("ATOD_FAST_CACHE")
+    os.environ["ATOD_FAST_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    teacher_location(load_train_config(None, overrides), progress=False)
+    yield overrides
+    if old is None:
+        del os.environ["ATOD_FAST_CACHE"]
+    else:
+        os.environ["ATOD_FAST_CACHE"] = old

@@ -36,7 +36,7 @@ TINY = [
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """A private teacher cache filled once, and one DeepSpeed op build directory for every run."""
-    from atod_fast.trainer.loop import teacher_location
+    from atod_fast.trainer.loading import teacher_location
 
     cache = tmp_path_factory.mktemp("cache")
     e = {**os.environ, "ATOD_FAST_CACHE": str(cache), "OMP_NUM_THREADS": "1",

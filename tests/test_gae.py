@@ -12,7 +12,8 @@ from gae_cases import random_batch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from atod_fast import _native, compute_gae
+from atod_fast import compute_gae
+from atod_fast.ops import _native
 from atod_fast.ops.gae import gae_reference
 
 

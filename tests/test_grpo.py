@@ -113,10 +113,11 @@ def test_grpo_trains_the_student_and_not_the_value_head(tmp_path, cache):
     tr.setup(progress=False)
     trajs = tr.rollout(1)
     assert [t.seed for t in trajs[:3]] == [trajs[0].seed] * 3 and trajs[3].seed != trajs[0].seed
-    data = tr.prepare(1, trajs)
+    batch, data = tr.prepare(1, trajs)
+    assert "returns" not in data  # no value targets: the value head is not trained
     off = 0
     adv = GrpoEstimator(3).episode_advantages(episode_returns([t.turn_rewards for t in trajs]), range(6), 6)
-    for i, n in enumerate(data["counts"]):
+    for i, n in enumerate(batch.counts):
         assert torch.all(data["advantages"][off:off + n].cpu() == adv[i])
         off += n
 
@@ -141,7 +142,7 @@ def test_engines_that_seed_requests_get_distinct_keys_within_a_group(tok_and_lm)
 
     def generate(prompts, *, episode_seeds, turn, stop_ids, max_new_tokens, temperature):
         seen.append(list(episode_seeds))
-        return [([stop[0]], [0.0]) for _ in prompts]
+        return [[stop[0]] for _ in prompts]
 
     seeds = group_env_seeds(0, 1, 4, 2)
     keys = sample_keys(seeds, range(4), 2)

@@ -226,5 +226,5 @@ def test_resume_across_the_gate_gives_the_same_run(tmp_path, cache):
     # The warm-up step moved the value head alone.
     w2, w3 = _weights(a, 2), _weights(a, 3)
     assert all(torch.equal(w2[k], w3[k]) for k in w2 if k.startswith("lm."))
-    assert load_trainer_state(b / "checkpoints" / "step-000003")["lam"]["handover_step"] == 2
-    assert load_trainer_state(b / "checkpoints" / "step-000001")["lam"]["handover_step"] is None
+    assert load_trainer_state(b / "checkpoints" / "step-000003")["lambda_controller"]["handover_step"] == 2
+    assert load_trainer_state(b / "checkpoints" / "step-000001")["lambda_controller"]["handover_step"] is None

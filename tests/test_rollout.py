@@ -31,7 +31,7 @@ def test_chat_format_matches_the_rendered_conversation(tok_and_lm):
 
 def _check_bookkeeping(t, tok, fmt, max_new_tokens):
     n = len(t.tokens)
-    assert len(t.action_mask) == len(t.turn_idx) == len(t.behaviour_logprobs) == n
+    assert len(t.action_mask) == len(t.turn_idx) == n
     spans = turn_spans(t)
     assert len(spans) == t.num_turns == len(t.actions) == len(t.turn_last_token)
     for k, (s, e) in enumerate(spans):
@@ -41,8 +41,6 @@ def _check_bookkeeping(t, tok, fmt, max_new_tokens):
         ids = t.tokens[s:e]
         body = ids[:-1] if ids[-1] in fmt.stop_ids else ids
         assert tok.decode(body, skip_special_tokens=True) == t.actions[k]
-        assert all(lp <= 0 for lp in t.behaviour_logprobs[s:e])
-    assert all(lp == 0 for lp, a in zip(t.behaviour_logprobs, t.action_mask, strict=True) if not a)
 
 
 def test_play_records_tokens_masks_turns_and_endings(tok_and_lm):

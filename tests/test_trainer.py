@@ -28,7 +28,7 @@ TINY = [
 @pytest.fixture(scope="module", autouse=True)
 def teacher_path(tmp_path_factory):
     """One tiny built-in teacher in a private cache, shared by every test (and their subprocesses)."""
-    from atod_fast.trainer.loop import teacher_location
+    from atod_fast.trainer.loading import teacher_location
 
     old = os.environ.get("ATOD_FAST_CACHE")
     os.environ["ATOD_FAST_CACHE"] = str(tmp_path_factory.mktemp("cache"))
@@ -160,7 +160,7 @@ def test_env_exceptions_fail_the_episode_not_the_run(tmp_path, teacher_path, cap
 
 
 def test_nonfinite_loss_skips_then_stops(tmp_path, monkeypatch, capsys):
-    import atod_fast.trainer.loop as tr
+    import atod_fast.trainer.learner as tr
 
     real = tr.atod_loss
 
@@ -234,14 +234,14 @@ def test_prepare_places_rewards_and_lambda_per_turn(teacher_path):
     tr = Trainer(cfg)
     tr.setup(progress=False)
     trajs = tr.rollout(1)
-    data = tr.prepare(1, trajs)
+    batch, data = tr.prepare(1, trajs)
     off = 0
-    for t, n in zip(trajs, data["counts"], strict=True):
+    for t, n in zip(trajs, batch.counts, strict=True):
         pos = [i for i, a in enumerate(t.action_mask) if a]
         assert n == len(pos)
         assert data["targets"][off:off + n].tolist() == [t.tokens[i] for i in pos]
         turns = torch.tensor([t.turn_idx[i] for i in pos])
-        assert torch.equal(data["lam"][off:off + n], tr.lam_ctl.schedule(0, turns))
+        assert torch.equal(data["lam"][off:off + n], tr.controller.schedule(0, turns))
         if not t.truncated:
             to_go = torch.tensor([sum(t.turn_rewards[k:]) for k in turns.tolist()])
             torch.testing.assert_close(data["returns"][off:off + n].cpu(), to_go)

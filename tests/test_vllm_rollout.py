@@ -20,9 +20,9 @@ import pytest
 import torch
 from rollout_cases import turn_spans
 
-from atod_fast import vllm_rollout
 from atod_fast.cli import main
 from atod_fast.envs import make
+from atod_fast.trainer import vllm_rollout
 from atod_fast.trainer.config import ConfigError, TinyArch, load_train_config
 from atod_fast.trainer.models import tiny_llama
 from atod_fast.trainer.rollout import ChatFormat, play, stop_token_ids
@@ -39,7 +39,7 @@ TINY = [
 @pytest.fixture(scope="module")
 def teacher_cache(tmp_path_factory):
     """The tiny built-in teacher (the built-in student takes its tokenizer from it), in a private cache."""
-    from atod_fast.trainer.loop import teacher_location
+    from atod_fast.trainer.loading import teacher_location
 
     old = os.environ.get("ATOD_FAST_CACHE")
     os.environ["ATOD_FAST_CACHE"] = str(tmp_path_factory.mktemp("cache"))
@@ -96,12 +96,10 @@ def _check_trajectories_against_requests(trajs, requests, fmt, max_new_tokens):
             assert sampled[-1] in fmt.stop_ids or len(sampled) == max_new_tokens
     for t, sp in zip(trajs, spans, strict=True):
         n = len(t.tokens)
-        assert len(t.action_mask) == len(t.turn_idx) == len(t.behaviour_logprobs) == n
+        assert len(t.action_mask) == len(t.turn_idx) == n
         assert len(sp) == t.num_turns == len(t.actions) == len(t.turn_last_token) == len(t.turn_rewards)
         for k, (s, e) in enumerate(sp):
             assert t.turn_last_token[k] == e - 1 and set(t.turn_idx[s:e]) == {k}
-            assert all(lp <= 0 for lp in t.behaviour_logprobs[s:e])
-        assert all(lp == 0 for lp, a in zip(t.behaviour_logprobs, t.action_mask, strict=True) if not a)
         assert t.end_reason in ("done", "turn_limit", "token_budget")
 
 
@@ -139,8 +137,6 @@ def test_engine_rollout_equals_hf_rollout_when_greedy(monkeypatch, tok_and_lm):
         for f in ("tokens", "action_mask", "turn_idx", "turn_rewards", "turn_last_token", "actions", "end_reason",
                   "success", "invalid_actions", "error"):
             assert getattr(a, f) == getattr(b, f), f
-        torch.testing.assert_close(torch.tensor(b.behaviour_logprobs), torch.tensor(a.behaviour_logprobs),
-                                   atol=1e-5, rtol=0)
     _check_trajectories_against_requests(ve, llm.requests, fmt, 6)
     assert all(sp.temperature == 0.0 and sp.max_tokens == 6 for _, sp, _ in llm.requests)
 
@@ -196,17 +192,17 @@ def test_trainer_rollout_through_the_engine(vllm_trainer):
     assert a["tensor_parallel_size"] == 1 and a["distributed_executor_backend"] == "external_launcher"
     assert a["gpu_memory_utilization"] == 0.4 and a["dtype"] == "bfloat16"
     assert a["max_model_len"] == cfg.rollout.max_episode_tokens and a["load_format"] == "dummy"
-    assert a["logprobs_mode"] == "processed_logprobs"
+    assert "logprobs_mode" not in a  # no log-probs asked for: the trainer recomputes them
     assert issubclass(type(llm.worker), WeightSyncExtension)
     assert llm.hf.config.vocab_size == tr.models.policy.lm.config.vocab_size  # the student's architecture
 
     trajs = tr.rollout(1)
     requests = list(llm.requests)
-    _check_trajectories_against_requests(trajs, requests, tr.fmt, cfg.rollout.max_new_tokens)
+    _check_trajectories_against_requests(trajs, requests, tr.rollout_engine.fmt, cfg.rollout.max_new_tokens)
     stop = stop_token_ids(tr.models.policy.lm, tr.models.tokenizer)
     for _, sp, _ in requests:
         assert sp.temperature == cfg.rollout.temperature and sp.max_tokens == cfg.rollout.max_new_tokens
-        assert sp.stop_token_ids == stop and sp.logprobs == 0 and sp.detokenize is False
+        assert sp.stop_token_ids == stop and sp.logprobs is None and sp.detokenize is False
     seeds = [sp.seed for _, sp, _ in requests]
     assert len(set(seeds)) == len(seeds) and all(isinstance(s, int) for s in seeds)  # one per (episode, turn)
 
@@ -220,7 +216,7 @@ def test_trainer_rollout_through_the_engine(vllm_trainer):
     assert not set(seeds) & {sp.seed for _, sp, _ in llm.requests}
 
     # The trainer's own pass over these trajectories: targets are the engine's sampled tokens.
-    data = tr.prepare(1, trajs)
+    _, data = tr.prepare(1, trajs)
     assert data["targets"].tolist() == [t.tokens[i] for t in trajs for i, a in enumerate(t.action_mask) if a]
 
 
@@ -242,7 +238,7 @@ def test_weights_are_synced_after_every_update(vllm_trainer):
     assert received == [lm_names, lm_names] and llm.prefix_cache_resets == 2
 
     # A stale engine (sync skipped) would not pass that check.
-    tr.vllm.sync_weights = lambda *a, **k: []
+    tr.rollout_engine.vllm.sync_weights = lambda *a, **k: []
     tr.step(2)
     assert not _same(_engine_weights(), _student(tr))
 

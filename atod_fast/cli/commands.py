@@ -65,7 +65,7 @@ def add_train_commands(sub) -> None:
 
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("transformers", "httpx", "urllib3"):
+    for noisy in ("transformers", "httpx", "urllib3", "wandb"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging
 
@@ -88,8 +88,12 @@ def _fail(e: Exception) -> int:
 
 
 def _resolve_config(loader, args, flags: dict[str, str]):
-    """``(config, None)`` to go on with, or ``(None, exit code)`` after a config error or --print-config."""
-    from ..trainer.config import ConfigError, to_yaml
+    """``(config, None)`` to go on with, or ``(None, exit code)`` after a config error or --print-config.
+
+    Every check that is cheap runs here, before a model loads: the config itself, then what it asks of
+    this machine (the models it names exist, its metric sinks are installed).
+    """
+    from ..trainer.config import ConfigError, check_machine, to_yaml
 
     try:
         cfg = loader(args.config, _overrides(args, flags))
@@ -98,6 +102,10 @@ def _resolve_config(loader, args, flags: dict[str, str]):
     if args.print_config:
         print(to_yaml(cfg), end="")
         return None, 0
+    try:
+        check_machine(cfg)
+    except ConfigError as e:
+        return None, _fail(e)
     _setup_logging()
     return cfg, None
 
@@ -129,7 +137,8 @@ def _cmd_train(args) -> int:
 
 def _cmd_eval(args) -> int:
     from ..trainer.checkpoint import resolve_checkpoint
-    from ..trainer.config import ConfigError, load_train_config
+    from ..trainer.config import BUILTIN, ConfigError, load_train_config
+    from ..trainer.models import check_model_source
 
     try:
         ckpt = resolve_checkpoint(args.checkpoint)
@@ -137,18 +146,24 @@ def _cmd_eval(args) -> int:
         cfg = load_train_config(str(ckpt / "config.yaml"), overrides)
         if args.episodes is not None and args.episodes < 1:
             raise ConfigError(f"--episodes: expected an integer >= 1, got {args.episodes}")
+        if not args.no_compare and cfg.model.teacher not in (None, BUILTIN):
+            check_model_source("model.teacher", cfg.model.teacher)
     except (ConfigError, ValueError) as e:
         return _fail(e)
     _setup_logging()
     from ..trainer.checkpoint import read_meta
-    from ..trainer.evaluation import evaluate_model, format_table
-    from ..trainer.loop import compare, eval_kwargs, resolve_device, teacher_location
+    from ..trainer.distributed import resolve_device
+    from ..trainer.evaluation import compare, eval_kwargs, evaluate_model, format_table
+    from ..trainer.loading import teacher_location
     from ..trainer.models import check_same_tokenizer, load_causal_lm
 
     device = resolve_device(cfg.device)
     episodes = args.episodes or cfg.eval.episodes
-    lm, tok = load_causal_lm(str(ckpt / "student"), dtype=cfg.model.dtype,
-                             trust_remote_code=cfg.model.trust_remote_code)
+    try:
+        lm, tok = load_causal_lm(str(ckpt / "student"), dtype=cfg.model.dtype,
+                                 trust_remote_code=cfg.model.trust_remote_code)
+    except ValueError as e:
+        return _fail(e)
     lm.to(device)
     name = f"checkpoint (step {read_meta(ckpt)['step']})"
     if args.no_compare:

@@ -143,8 +143,9 @@ def baseline_evals(grid: Grid, log) -> tuple[dict | None, dict[int, dict]]:
     """Teacher (built first, so parallel runs never race to build it) and each seed's initial student."""
     import torch
 
-    from ..trainer.evaluation import evaluate_model
-    from ..trainer.loop import eval_kwargs, initial_student, resolve_device, set_cpu_threads, teacher_location
+    from ..trainer.distributed import resolve_device
+    from ..trainer.evaluation import eval_kwargs, evaluate_model
+    from ..trainer.loading import initial_student, set_cpu_threads, teacher_location
     from ..trainer.models import load_causal_lm
 
     method = grid.trained()[0] if grid.trained() else "teacher"

@@ -40,6 +40,32 @@ def _constant(p: torch.Tensor) -> torch.Tensor:
 DECAYS = {"cosine": _cosine, "linear": _linear, "exponential": _exponential, "constant": _constant}
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def schedule_problem(**params) -> tuple[str, str, object] | None:
+    """The first invalid schedule parameter as ``(name, expected, got)``, or None when all are valid.
+
+    Checks the parameters given (any of ``AnnealSchedule``'s fields); the schedule and the trainer's
+    config report the problem in their own words.
+    """
+    for name in ("total_steps", "turn_horizon"):
+        if name in params and not (_is_int(params[name]) and params[name] >= 1):
+            return name, "an integer >= 1", params[name]
+    for name in ("lambda_max", "lambda_min"):
+        v = params.get(name, 0.0)
+        if not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0):
+            return name, "a number in [0, 1]", v
+    lo, hi = params.get("lambda_min", 0.0), params.get("lambda_max", 1.0)
+    if lo > hi:
+        return "lambda_min", f"<= lambda_max={hi}", lo
+    for name in ("time_decay", "turn_decay"):
+        if name in params and params[name] not in DECAYS:
+            return name, f"one of {sorted(DECAYS)}", params[name]
+    return None
+
+
 @dataclass(frozen=True)
 class AnnealSchedule:
     """λ(step, turn) for the ATOD loss; call it as ``schedule(step, turn_idx)``."""
@@ -59,22 +85,12 @@ class AnnealSchedule:
     """Decay over turn indices: one of cosine, linear, exponential, constant."""
 
     def __post_init__(self):
-        if isinstance(self.total_steps, bool) or not isinstance(self.total_steps, int) or self.total_steps < 1:
-            raise ValueError(f"total_steps must be an integer >= 1, got {self.total_steps!r}")
-        if isinstance(self.turn_horizon, bool) or not isinstance(self.turn_horizon, int) or self.turn_horizon < 1:
-            raise ValueError(f"turn_horizon must be an integer >= 1, got {self.turn_horizon!r}")
-        for name in ("lambda_min", "lambda_max"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
-                raise ValueError(f"{name} must be a number in [0, 1], got {v!r}")
-        if self.lambda_min > self.lambda_max:
-            raise ValueError(
-                f"lambda_min must be <= lambda_max, got lambda_min={self.lambda_min} > lambda_max={self.lambda_max}"
-            )
-        for name in ("time_decay", "turn_decay"):
-            v = getattr(self, name)
-            if v not in DECAYS:
-                raise ValueError(f"{name} must be one of {sorted(DECAYS)}, got {v!r}")
+        bad = schedule_problem(total_steps=self.total_steps, turn_horizon=self.turn_horizon,
+                               lambda_max=self.lambda_max, lambda_min=self.lambda_min, time_decay=self.time_decay,
+                               turn_decay=self.turn_decay)
+        if bad is not None:
+            name, expected, got = bad
+            raise ValueError(f"{name} must be {expected}, got {got!r}")
 
     @classmethod
     def opd(cls, total_steps: int = 1, turn_horizon: int = 1) -> AnnealSchedule:

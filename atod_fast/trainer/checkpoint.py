@@ -13,6 +13,13 @@ Layout of ``RUN/checkpoints/step-000040/``::
 ``student/`` and ``value_head.safetensors`` are always complete, plain files (consolidated from
 ZeRO-3 shards when needed): ``atod-fast eval`` and ``transformers`` load them as they are.
 
+``trainer_state.pt`` and ``rng/rank-R.pt`` hold only tensors and plain data (numbers, strings,
+bools, None, lists, tuples, dicts): they are read with ``torch.load(weights_only=True)``, so a
+checkpoint from elsewhere cannot run code when it is resumed. NumPy's and Python's RNG states,
+which are not plain data, are stored as integer tensors. ``deepspeed/`` is read by DeepSpeed
+itself, which unpickles without restriction: before it does, every name its files would import is
+checked against the few classes DeepSpeed's own checkpoints hold.
+
 A checkpoint is written into a hidden temporary directory, every file is fsynced, then the
 directory is renamed into place (atomic on POSIX) and its parent fsynced. Only names
 ``step-NNNNNN`` are complete checkpoints; anything else under ``checkpoints/`` is debris of an
@@ -30,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from .config import ConfigError
 
 _NAME = re.compile(r"^step-(\d{6,})$")
 
@@ -54,14 +63,27 @@ def _fsync_dir(path: Path) -> None:
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+    """The RNG states of torch, NumPy, Python and CUDA as tensors and plain data (loadable with weights_only)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64),
+                       "gauss_next": gauss_next},
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    npy, py = state["numpy"], state["python"]
+    if isinstance(npy, dict):
+        npy = (npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+               npy["cached_gaussian"])
+    np.random.set_state(npy)
+    if isinstance(py, dict):
+        py = (py["version"], tuple(py["state"].tolist()), py["gauss_next"])
+    random.setstate(py)
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -106,8 +128,10 @@ def save_checkpoint(run_dir: Path, step: int, *, policy, tokenizer, engine, dist
         (tmp / "rng").mkdir(exist_ok=True)
         torch.save(rng_state(), tmp / "rng" / f"rank-{dist.rank}.pt")
     if dist.is_main:
-        torch.save({"optimizer": engine.optimizer_state(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
-                    "step": step, **state}, tmp / "trainer_state.pt")
+        trainer_state = {"optimizer": engine.optimizer_state(), "scheduler": scheduler.state_dict(),
+                         "rng": rng_state(), "step": step, **state}
+        _check_plain(trainer_state, "trainer_state")
+        torch.save(trainer_state, tmp / "trainer_state.pt")
         (tmp / "config.yaml").write_text(config_yaml)
     dist.barrier()
     if dist.is_main:
@@ -144,7 +168,7 @@ def export_student(policy, ckpt: Path, full_state: dict | None = None) -> None:
 
 def load_rank_rng(ckpt: Path, rank: int) -> dict | None:
     p = ckpt / "rng" / f"rank-{rank}.pt"
-    return torch.load(p, map_location="cpu", weights_only=False) if p.is_file() else None
+    return _safe_load(p) if p.is_file() else None
 
 
 def _retire(path: Path) -> None:
@@ -159,7 +183,74 @@ def read_meta(ckpt: Path) -> dict:
 
 
 def load_trainer_state(ckpt: Path) -> dict:
-    return torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
+    """The trainer state of ``ckpt``; with a ``deepspeed/`` folder, also checks DeepSpeed's files before DeepSpeed
+    reads them (with its own, unrestricted loader)."""
+    state = _safe_load(ckpt / "trainer_state.pt")
+    if (ckpt / "deepspeed").is_dir():
+        check_engine_files(ckpt / "deepspeed")
+    return state
+
+
+# The classes DeepSpeed's checkpoints pickle besides tensors and plain data (its ZeRO optimizer states, 0.19):
+# the loss scaler, the ZeRO stage and the parameter-to-partition map. DeepSpeed unpickles its files without
+# restriction, so a file that names any other class or function is refused before DeepSpeed opens it.
+_DEEPSPEED_GLOBALS = frozenset({
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+})
+
+
+def check_engine_files(root: Path) -> None:
+    """Reads the names each pickle under ``root`` would import (nothing is unpickled) and refuses unknown ones."""
+    for path in sorted(root.rglob("*.pt")):
+        unknown = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - _DEEPSPEED_GLOBALS)
+        if unknown:
+            raise ConfigError(f"--resume: refusing to hand {path} to DeepSpeed: it refers to {', '.join(unknown[:3])}, "
+                              "which DeepSpeed checkpoints never hold and which could run code when unpickled")
+
+
+_PLAIN = (bool, int, float, str, type(None), torch.Tensor)
+
+
+def _check_plain(obj, where: str) -> None:
+    """Refuse to save what ``weights_only=True`` could not load back (found at save time, not at resume)."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if not isinstance(k, (int, str)):
+                raise TypeError(f"checkpoint {where}: key {k!r} is a {type(k).__name__}; expected int or str")
+            _check_plain(v, f"{where}.{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _check_plain(v, f"{where}[{i}]")
+    elif not isinstance(obj, _PLAIN):
+        raise TypeError(f"checkpoint {where}: {type(obj).__name__} is not plain data; expected tensors, numbers, "
+                        "strings, bools, None, or lists and dicts of them")
+
+
+def _legacy_numpy_globals() -> list:
+    # Checkpoints written before the RNG states became tensors hold NumPy's uint32 key array; reading it needs
+    # NumPy's array reconstruction and nothing else (no arbitrary callables).
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # NumPy 1.x
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def _safe_load(path: Path) -> dict:
+    """``torch.load`` restricted to tensors and plain data: anything else is refused, never executed."""
+    from pickle import UnpicklingError  # what torch's restricted loader raises; nothing here unpickles
+
+    try:
+        with torch.serialization.safe_globals(_legacy_numpy_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = f"a reference to {found.group(1)}" if found else "Python objects other than tensors and plain data"
+        raise ConfigError(f"--resume: refusing to load {path}: it holds {what}, which could run code when "
+                          "unpickled; atod-fast checkpoints hold only tensors and plain data") from None
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

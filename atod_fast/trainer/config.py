@@ -17,7 +17,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ..ops.schedule import DECAYS
+from ..ops.schedule import schedule_problem
 
 
 class ConfigError(ValueError):
@@ -228,13 +228,10 @@ class ScheduleConfig:
         for f in ("total_steps", "turn_horizon"):
             v = getattr(self, f)
             _need(v is None or (_int(v) and v >= 1), f"schedule.{f}", "null or an integer >= 1", v)
-        for f in ("lambda_max", "lambda_min"):
-            v = getattr(self, f)
-            _need(_num(v) and 0 <= v <= 1, f"schedule.{f}", "a number in [0, 1]", v)
-        _need(self.lambda_min <= self.lambda_max, "schedule.lambda_min", f"<= lambda_max={self.lambda_max}",
-              self.lambda_min)
-        for f in ("time_decay", "turn_decay"):
-            _need(getattr(self, f) in DECAYS, f"schedule.{f}", f"one of {sorted(DECAYS)}", getattr(self, f))
+        bad = schedule_problem(lambda_max=self.lambda_max, lambda_min=self.lambda_min, time_decay=self.time_decay,
+                               turn_decay=self.turn_decay)
+        if bad is not None:
+            _need(False, f"schedule.{bad[0]}", *bad[1:])
 
 
 @dataclass(kw_only=True)
@@ -387,9 +384,29 @@ class LoggingConfig:
     """Also write TensorBoard events (needs the tensorboard package: pip install 'atod-fast[viz]')."""
     log_every: int = 10
     """Print a metrics line every this many steps when the progress bar is off."""
+    wandb: bool = False
+    """Also log every step's metrics to Weights & Biases (pip install 'atod-fast[wandb]'). Its files go under
+    OUTPUT_DIR/wandb; with WANDB_MODE=offline they stay there, no network (upload later with ``wandb sync``)."""
+    wandb_project: str = "atod-fast"
+    """W&B project of the run."""
+    wandb_run_name: str | None = None
+    """W&B display name of the run; null: the name of output_dir."""
 
     def __post_init__(self):
         _need(_int(self.log_every) and self.log_every >= 1, "logging.log_every", "an integer >= 1", self.log_every)
+        _need(isinstance(self.wandb_project, str) and self.wandb_project.strip() != ""
+              and not any(c in self.wandb_project for c in "/\\#?%:"), "logging.wandb_project",
+              "a project name (not empty, none of / \\ # ? % :)", self.wandb_project)
+        _need(self.wandb_run_name is None or (isinstance(self.wandb_run_name, str) and self.wandb_run_name.strip()),
+              "logging.wandb_run_name", "null or a non-empty name", self.wandb_run_name)
+
+    def check_installed(self) -> None:
+        """The sinks asked for can run here (a check of this machine, so not part of loading a config)."""
+        import importlib.util
+
+        if self.wandb and importlib.util.find_spec("wandb") is None:
+            raise ConfigError("logging.wandb: the wandb package is not installed (pip install 'atod-fast[wandb]', "
+                              "or set logging.wandb=false)")
 
 
 @dataclass(kw_only=True)
@@ -567,6 +584,42 @@ class SftRunConfig:
     """Only chat_template, dtype and trust_remote_code are used."""
 
 
+def check_machine(cfg: TrainConfig | SftRunConfig) -> None:
+    """What a config asks of this machine, before anything expensive: the models it names exist here (or in
+    reach on the hub) and its metric sinks are installed. Kept out of loading, which also reads the configs of
+    checkpoints made elsewhere."""
+    from .models import check_model_source
+
+    if isinstance(cfg, SftRunConfig):
+        if cfg.init is not None:
+            check_model_source("init", cfg.init)
+        return
+    m = cfg.model
+    if m.student != BUILTIN:
+        check_model_source("model.student", m.student)
+    if m.teacher not in (None, BUILTIN):
+        check_model_source("model.teacher", m.teacher)
+    if m.reference is not None and cfg.loss.kl_coef > 0:
+        check_model_source("model.reference", m.reference)
+    cfg.logging.check_installed()
+
+
+def _read_yaml(path: Path):
+    import yaml
+
+    try:
+        data = OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"--config: {path} is not valid YAML{where}: {what}") from None
+    if not OmegaConf.is_dict(data):
+        raise ConfigError(f"--config: {path} must hold a mapping of keys (like ppo: {{epochs: 2}}), got a "
+                          f"{type(OmegaConf.to_container(data)).__name__}")
+    return data
+
+
 def _load(schema: type, path: str | None, overrides: list[str]):
     try:
         cfg = OmegaConf.structured(schema)
@@ -574,7 +627,7 @@ def _load(schema: type, path: str | None, overrides: list[str]):
             p = Path(path)
             if not p.is_file():
                 raise ConfigError(f"--config: file not found: {path}")
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(p))
+            cfg = OmegaConf.merge(cfg, _read_yaml(p))
         for o in overrides:
             if "=" not in o:
                 raise ConfigError(f"override {o!r}: expected key.sub=value")
@@ -599,10 +652,6 @@ def load_sft_config(path: str | None = None, overrides: list[str] = ()) -> SftRu
 
 def to_yaml(cfg) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
-
-
-def to_dict(cfg) -> dict[str, Any]:
-    return asdict(cfg)
 
 
 def config_hash(obj: Any) -> str:

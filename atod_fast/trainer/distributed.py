@@ -4,6 +4,8 @@ One process per GPU (or several on a CPU). Every rank plays its own share of the
 episodes; the gradient of the global token-mean loss is what the engines average. The same
 code runs on CPU (gloo) and CUDA (nccl): the backend follows the device.
 
+:func:`resolve_device` turns the ``device`` key into a torch device (for every command);
+:func:`standalone_env` gives a process started without torchrun the launcher's environment.
 :class:`Dist` is the process group (rank, world size, collectives). :func:`make_engine` wraps
 the student and its optimizer in one of three engines with one interface:
 
@@ -28,10 +30,27 @@ import torch.distributed as dist
 from .config import ConfigError, DistributedConfig
 
 
-def _free_port() -> int:
+def resolve_device(name: str, *, local_rank: int | None = None) -> torch.device:
+    """``device`` of the config as a torch device: ``auto`` picks CUDA when present; with ``local_rank``, a bare
+    ``cuda`` means this rank's GPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device: {name!r} requested but CUDA is not available")
+    if name == "cuda" and local_rank is not None:
+        name = f"cuda:{local_rank}"
+    return torch.device(name)
+
+
+def standalone_env() -> None:
+    """The launcher environment (``MASTER_ADDR``/``MASTER_PORT``/``RANK``...) of a single process started without
+    torchrun, on a free local port; left as it is when a launcher set it."""
+    if "MASTER_ADDR" in os.environ:
+        return
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
 
 
 class Dist:
@@ -54,13 +73,7 @@ class Dist:
 
     def device(self, name: str) -> torch.device:
         """The device of this rank: with CUDA, GPU ``LOCAL_RANK``."""
-        if name == "auto":
-            name = "cuda" if torch.cuda.is_available() else "cpu"
-        if name.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError(f"device: {name!r} requested but CUDA is not available")
-        if name == "cuda" and self.enabled:
-            name = f"cuda:{self.local_rank}"
-        dev = torch.device(name)
+        dev = resolve_device(name, local_rank=self.local_rank if self.enabled else None)
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         return dev
@@ -71,9 +84,7 @@ class Dist:
         backend = self.cfg.backend
         if backend == "auto":
             backend = "nccl" if device.type == "cuda" else "gloo"
-        if "MASTER_ADDR" not in os.environ:  # a single process started without torchrun
-            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
-                              LOCAL_RANK="0")
+        standalone_env()
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=self.cfg.timeout_minutes),
                                 device_id=device if device.type == "cuda" else None)
         self._owns_group = True
@@ -103,13 +114,6 @@ class Dist:
         if self.enabled and dist.is_initialized() and dist.get_backend() == "nccl":
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
-
-    def broadcast_object(self, obj):
-        if not self.enabled or self.world == 1:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
 
     @contextlib.contextmanager
     def main_first(self):

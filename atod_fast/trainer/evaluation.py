@@ -1,10 +1,19 @@
-"""Held-out evaluation: success rate and mean reward on seeds no training run ever uses."""
+"""Held-out evaluation: success rate and mean reward on seeds no training run ever uses.
+
+Owns how a model is evaluated (``evaluate_model``), the settings a run's config gives it (``eval_kwargs``) and
+the teacher / student-before / student-after comparison (``compare``).
+"""
 
 from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
 
 import torch
 
 from .. import envs as envs_mod
+from .config import TrainConfig
 from .rollout import ChatFormat, play, rollout_stats, stop_token_ids
 from .seeds import eval_seeds
 
@@ -48,3 +57,46 @@ def format_table(rows: dict[str, dict]) -> str:
         lines.append(f"| {name} | {r['success_rate']:.3f} | {r['reward_mean']:.3f} | {r['turns_mean']:.2f} | "
                      f"{r['episodes']} |")
     return "\n".join(lines)
+
+
+def eval_kwargs(cfg: TrainConfig, device: torch.device, episodes: int) -> dict:
+    """``evaluate_model``'s keyword arguments from a run's config."""
+    r = cfg.rollout
+    return dict(env_name=cfg.env.name, env_kwargs=cfg.env.resolved_kwargs(), episodes=episodes,
+                max_turns=r.max_turns, max_new_tokens=r.max_new_tokens, max_episode_tokens=r.max_episode_tokens,
+                temperature=cfg.eval.temperature, device=device, chat_template=cfg.model.chat_template)
+
+
+def compare(cfg: TrainConfig, student_lm, tokenizer, teacher, teacher_path, device, *, episodes: int,
+            student_name: str = "student-after") -> dict:
+    """Held-out success of teacher, the initial student and ``student_lm``."""
+    from .loading import initial_student
+
+    kw = eval_kwargs(cfg, device, episodes)
+    rows = {}
+    if teacher is not None:
+        rows["teacher"] = evaluate_model(teacher, tokenizer, **kw)
+    before, _ = initial_student(cfg, teacher_path)
+    rows["student-before"] = evaluate_model(before.to(device), tokenizer, **kw)
+    del before
+    rows[student_name] = evaluate_model(student_lm, tokenizer, **kw)
+    return rows
+
+
+def heldout_metrics(cfg: TrainConfig, lm, tokenizer, device: torch.device) -> dict:
+    """The ``heldout_*`` metrics of ``eval.every``: ``eval.episodes`` held-out episodes of the current student."""
+    t0 = time.perf_counter()
+    r = evaluate_model(lm, tokenizer, **eval_kwargs(cfg, device, cfg.eval.episodes))
+    return {"heldout_success_rate": r["success_rate"], "heldout_reward_mean": r["reward_mean"],
+            "heldout_s": time.perf_counter() - t0}
+
+
+def final_evaluation(cfg: TrainConfig, run_dir: Path, student_lm, tokenizer, teacher, teacher_path,
+                     device: torch.device) -> dict:
+    """The end-of-run comparison (``eval.at_end``): written to ``run_dir/eval.json`` and printed as a table."""
+    rows = compare(cfg, student_lm, tokenizer, teacher, teacher_path, device, episodes=cfg.eval.episodes)
+    (run_dir / "eval.json").write_text(json.dumps(rows, indent=2))
+    print(f"\nHeld-out evaluation ({cfg.eval.episodes} episodes of {cfg.env.name}, "
+          f"temperature {cfg.eval.temperature}):\n")
+    print(format_table(rows))
+    return rows

@@ -10,8 +10,10 @@ BPE tokenizer trained on expert transcripts, with a small chat template, and ran
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterable
 from pathlib import Path
+from pickle import UnpicklingError  # raised by torch's restricted loader; nothing here unpickles
 
 import torch
 from torch import nn
@@ -83,6 +85,9 @@ def load_causal_lm(name_or_path: str, *, dtype: str = "float32", trust_remote_co
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=_DTYPES[dtype], **kw, **model_kw)
     except OSError as e:
         raise ValueError(f"cannot load model {name_or_path!r}: {str(e).splitlines()[0]}") from None
+    except UnpicklingError:  # transformers reads *.bin weights with torch.load(weights_only=True)
+        raise ValueError(f"cannot load model {name_or_path!r}: its weights file is a pickle holding more than "
+                         "tensors; refused, since loading it could run code (safetensors weights are safe)") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     unsupported = [k for k in ("final_logit_softcapping", "logit_scale") if getattr(model.config, k, None)]
@@ -90,6 +95,59 @@ def load_causal_lm(name_or_path: str, *, dtype: str = "float32", trust_remote_co
         raise ValueError(f"model {name_or_path!r} transforms its logits ({', '.join(unsupported)}), which the "
                          "hidden-state loss does not reproduce")
     return model, tokenizer
+
+
+def _hub_offline() -> bool:
+    return any(os.environ.get(k, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def check_model_source(key: str, value: str) -> None:
+    """A ConfigError naming ``key`` when ``value`` is neither a model folder here nor a hub model within reach.
+
+    Run before any model loads: transformers would otherwise retry the hub for a minute, then raise a
+    chained error that names no config key. A path that does not exist fails at once; a hub name fails
+    when it is not in the local cache and the hub is off (HF_HUB_OFFLINE=1), unreachable, or without it.
+    """
+    path = Path(value).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"{key}: {value} holds no config.json; expected a transformers model folder "
+                              "(saved with save_pretrained) or a hub model name")
+        return
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        raise ConfigError(f"{key}: no such directory: {value}") from None
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(value, "config.json"), str):
+        return
+    if _hub_offline():
+        raise ConfigError(f"{key}: {value!r} is neither a local directory nor in the Hugging Face cache, and "
+                          "HF_HUB_OFFLINE=1 forbids downloading it")
+    _probe_hub(key, value)
+
+
+def _probe_hub(key: str, name: str) -> None:
+    """One request, no retries: whether the hub holds ``name`` (any other answer is left to the loader)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    try:
+        HfApi().model_info(name, timeout=10)
+    except RepositoryNotFoundError:
+        raise ConfigError(f"{key}: {name!r} is neither a local directory nor a model on the Hugging Face hub "
+                          "(private models need `hf auth login`)") from None
+    except HfHubHTTPError:
+        return  # gated, rate-limited, server trouble: the loader reports it with its own words
+    except Exception as e:  # any transport failure: DNS, refused, timeout, proxy
+        raise ConfigError(f"{key}: {name!r} is not in the local Hugging Face cache and the hub cannot be reached "
+                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}); download "
+                          "it where there is network, or give a local path") from None
 
 
 def same_tokenizer(a, b) -> bool:

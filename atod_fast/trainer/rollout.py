@@ -4,8 +4,9 @@ One token sequence per episode: the chat-formatted first observation, then for e
 the agent's tokens exactly as sampled (never re-tokenized) followed by the chat-formatted
 next observation. Each turn is one batched ``generate`` call (KV cache within the turn) over
 the episodes still running. Per episode we record the tokens, which ones the agent produced
-(``action_mask``), the turn index of every token, the behaviour log-probs, the reward of
-every turn and how the episode ended:
+(``action_mask``), the turn index of every token, the reward of every turn and how the
+episode ended (the trainer recomputes the sampled tokens' log-probs in one pass over the
+packed episodes, so generation keeps no logits):
 
 - ``done``: the environment ended it (terminal, no bootstrap);
 - ``turn_limit`` / ``token_budget``: truncated by the rollout limits (GAE bootstraps);
@@ -75,8 +76,6 @@ class Trajectory:
     action_mask: list[bool] = field(default_factory=list)
     turn_idx: list[int] = field(default_factory=list)
     """Turn of every token; observation tokens carry the index of the turn they lead into."""
-    behaviour_logprobs: list[float] = field(default_factory=list)
-    """log π(token) under the sampling distribution on agent tokens, 0 elsewhere."""
     turn_rewards: list[float] = field(default_factory=list)
     turn_last_token: list[int] = field(default_factory=list)
     """Index in ``tokens`` of the last agent token of every turn (where its reward is placed)."""
@@ -98,11 +97,10 @@ class Trajectory:
     def num_turns(self) -> int:
         return len(self.turn_rewards)
 
-    def _append(self, ids: Sequence[int], *, action: bool, turn: int, logprobs: Sequence[float] | None = None):
+    def _append(self, ids: Sequence[int], *, action: bool, turn: int):
         self.tokens += list(ids)
         self.action_mask += [action] * len(ids)
         self.turn_idx += [turn] * len(ids)
-        self.behaviour_logprobs += list(logprobs) if logprobs is not None else [0.0] * len(ids)
 
 
 def stop_token_ids(lm, tokenizer) -> list[int]:
@@ -130,13 +128,13 @@ def play(lm, tokenizer, fmt: ChatFormat, envs: Sequence, seeds: Sequence[int], *
     rank with the longest episodes, on a one-token dummy batch once its own episodes are over.
 
     ``generate`` replaces ``lm.generate`` for the agent's turns (e.g. a vLLM engine,
-    :mod:`atod_fast.vllm_rollout`): ``generate(prompts, *, episode_seeds, turn, stop_ids,
+    :mod:`atod_fast.trainer.vllm_rollout`): ``generate(prompts, *, episode_seeds, turn, stop_ids,
     max_new_tokens, temperature)`` gets one token list per running episode (the episode so far,
-    never re-tokenized) and returns, in order, ``(token_ids, logprobs)`` per episode: at most
-    ``max_new_tokens`` sampled ids, ending with a stop id when one was sampled, and their
-    log-probs under the sampling distribution; its ``episode_seeds`` are ``sample_keys`` (default: the
-    environment seeds; episodes sharing a seed need distinct keys to sample apart). Everything
-    else (stop handling, bookkeeping, environment steps) is shared, so the trajectories have the
+    never re-tokenized) and returns, in order, the sampled token ids of each episode: at most
+    ``max_new_tokens`` of them, ending with a stop id when one was sampled. Its ``episode_seeds``
+    are ``sample_keys`` (default: the environment seeds; episodes that share an environment seed
+    need distinct keys to sample apart). Everything else
+    (stop handling, bookkeeping, environment steps) is shared, so the trajectories have the
     same layout whichever engine samples.
     """
     from transformers import GenerationConfig
@@ -148,8 +146,7 @@ def play(lm, tokenizer, fmt: ChatFormat, envs: Sequence, seeds: Sequence[int], *
     pad = tokenizer.pad_token_id
     gen_cfg = GenerationConfig(
         do_sample=temperature > 0, temperature=temperature if temperature > 0 else None, top_k=None, top_p=None,
-        max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=pad, return_dict_in_generate=True,
-        output_logits=True,
+        max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=pad,
     )
     trajs = [Trajectory(seed=s) for s in seeds]
     keys = list(seeds) if sample_keys is None else list(sample_keys)
@@ -179,56 +176,60 @@ def play(lm, tokenizer, fmt: ChatFormat, envs: Sequence, seeds: Sequence[int], *
         if not active:
             break
         if generate is None:
-            outs = _hf_generate(lm, [trajs[i].tokens for i in active], gen_cfg, pad=pad, temperature=temperature,
-                                device=device, synced=synced)
+            outs = _hf_generate(lm, [trajs[i].tokens for i in active], gen_cfg, pad=pad, device=device,
+                                synced=synced)
         else:
             outs = generate([list(trajs[i].tokens) for i in active], episode_seeds=[keys[i] for i in active],
                             turn=turn, stop_ids=stop, max_new_tokens=max_new_tokens, temperature=temperature)
             _check_generated(outs, len(active), max_new_tokens)
-        still = []
-        for (seq, seq_logp), i in zip(outs, active, strict=True):
-            t = trajs[i]
-            n = len(seq)
-            ended_with = None
-            for k, tok in enumerate(seq):
-                if tok in stop:
-                    n, ended_with = k + 1, tok
-                    break
-            t._append(seq[:n], action=True, turn=turn, logprobs=seq_logp[:n])
-            t.turn_last_token.append(len(t.tokens) - 1)
-            text = tokenizer.decode(seq[:n - 1] if ended_with is not None else seq[:n], skip_special_tokens=True)
-            t.actions.append(text)
-            try:
-                obs, reward, done, info = envs[i].step(text)
-                reward = float(reward)
-            except Exception as e:  # an environment bug must not stop training: the episode fails
-                t.turn_rewards.append(0.0)
-                t.end_reason, t.error = "error", "".join(traceback.format_exception(e))
-                log.warning("environment %s raised in step() on seed %d, turn %d; the episode counts as failed:\n%s",
-                            type(envs[i]).__name__, t.seed, turn, t.error)
-                if on_error is not None:
-                    on_error(t)
-                continue
-            t.turn_rewards.append(reward)
-            t.invalid_actions += bool(info.get("invalid", False))
-            if done:
-                t.end_reason, t.success = "done", bool(info.get("success", reward > 0))
-                continue
-            t._append(fmt.after_action(obs, ended_with), action=False, turn=turn + 1)
-            if turn + 1 >= max_turns:
-                t.end_reason = "turn_limit"
-                continue
-            still.append(i)
-        active = still
+        active = [i for seq, i in zip(outs, active, strict=True)  # the episodes that go on
+                  if _take_turn(trajs[i], envs[i], seq, stop, tokenizer, fmt, turn=turn, max_turns=max_turns,
+                                on_error=on_error)]
         turn += 1
     if was_training:
         lm.train()
     return trajs
 
 
-def _hf_generate(lm, prompts: list[list[int]], gen_cfg, *, pad: int, temperature: float, device: torch.device,
-                 synced: bool) -> list[tuple[list[int], list[float]]]:
-    """One batched ``lm.generate`` (KV cache within the turn): (new token ids, their log-probs) per prompt."""
+def _take_turn(t: Trajectory, env, seq: list[int], stop: Sequence[int], tokenizer, fmt: ChatFormat, *, turn: int,
+               max_turns: int, on_error) -> bool:
+    """Records the agent's sampled turn (cut after its first stop id), steps the environment with its text and
+    appends the next observation; True while the episode goes on."""
+    n, ended_with = len(seq), None
+    for k, tok in enumerate(seq):
+        if tok in stop:
+            n, ended_with = k + 1, tok
+            break
+    t._append(seq[:n], action=True, turn=turn)
+    t.turn_last_token.append(len(t.tokens) - 1)
+    text = tokenizer.decode(seq[:n - 1] if ended_with is not None else seq[:n], skip_special_tokens=True)
+    t.actions.append(text)
+    try:
+        obs, reward, done, info = env.step(text)
+        reward = float(reward)
+    except Exception as e:  # an environment bug must not stop training: the episode fails
+        t.turn_rewards.append(0.0)
+        t.end_reason, t.error = "error", "".join(traceback.format_exception(e))
+        log.warning("environment %s raised in step() on seed %d, turn %d; the episode counts as failed:\n%s",
+                    type(env).__name__, t.seed, turn, t.error)
+        if on_error is not None:
+            on_error(t)
+        return False
+    t.turn_rewards.append(reward)
+    t.invalid_actions += bool(info.get("invalid", False))
+    if done:
+        t.end_reason, t.success = "done", bool(info.get("success", reward > 0))
+        return False
+    t._append(fmt.after_action(obs, ended_with), action=False, turn=turn + 1)
+    if turn + 1 >= max_turns:
+        t.end_reason = "turn_limit"
+        return False
+    return True
+
+
+def _hf_generate(lm, prompts: list[list[int]], gen_cfg, *, pad: int, device: torch.device,
+                 synced: bool) -> list[list[int]]:
+    """One batched ``lm.generate`` (KV cache within the turn): the new token ids of every prompt."""
     lengths = [len(p) for p in prompts]
     width = max(lengths)
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
@@ -238,21 +239,15 @@ def _hf_generate(lm, prompts: list[list[int]], gen_cfg, *, pad: int, temperature
         mask[row, width - lengths[row]:] = 1
     out = lm.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg,
                       **({"synced_gpus": True} if synced else {}))
-    new = out.sequences[:, width:].cpu()
-    logits = torch.stack(out.logits, dim=1).float().cpu()  # [b, n_new, V]
-    if temperature > 0:
-        logits = logits / temperature
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
-    return list(zip(new.tolist(), logp.tolist(), strict=True))
+    return out[:, width:].cpu().tolist()
 
 
 def _check_generated(outs, n: int, max_new_tokens: int) -> None:
     if len(outs) != n:
         raise RuntimeError(f"generate returned {len(outs)} completions for {n} prompts")
-    for ids, lps in outs:
-        if not 1 <= len(ids) <= max_new_tokens or len(lps) != len(ids):
-            raise RuntimeError(f"generate returned {len(ids)} tokens with {len(lps)} log-probs; expected 1 to "
-                               f"max_new_tokens={max_new_tokens} tokens, one log-prob each")
+    for ids in outs:
+        if not 1 <= len(ids) <= max_new_tokens:
+            raise RuntimeError(f"generate returned {len(ids)} tokens; expected 1 to max_new_tokens={max_new_tokens}")
 
 
 ROLLOUT_SUMS = ("episodes", "reward", "success", "turns", "invalid", "truncated", "errors", "tokens")

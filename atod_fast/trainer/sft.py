@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .config import EnvConfig, SftConfig, SftRunConfig, config_hash
+from .distributed import resolve_device
 from .models import build_tokenizer, load_causal_lm, tiny_llama
 from .rollout import ChatFormat, stop_token_ids
 from .seeds import demo_seeds
@@ -71,18 +72,12 @@ def demo_tokens(fmt: ChatFormat, tokenizer, eos: int, demo) -> tuple[list[int], 
     return ids, mask
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def run_sft(cfg: SftRunConfig, *, progress: bool = True) -> Path:
     """Train on expert demonstrations and save model + tokenizer to ``cfg.output_dir``."""
     from tqdm.auto import tqdm
 
     s = cfg.sft
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     if cfg.init is None:  # a tiny model: threads only wait on each other
         torch.set_num_threads(1)
     demos = expert_episodes(cfg.env, s.episodes, s.expert_error_rate, cfg.seed)

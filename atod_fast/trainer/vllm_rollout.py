@@ -1,12 +1,11 @@
 """vLLM generation for rollouts (``rollout.engine=vllm``), with the student's weights synced after every update.
 
 Every rank runs one ``vllm.LLM`` inside its own training process, on its own GPU, beside the
-student (tensor_parallel_size=1). The engine serves :func:`atod_fast.rollout.play` through
+student (tensor_parallel_size=1). The engine serves :func:`atod_fast.trainer.rollout.play` through
 :meth:`VllmGenerator.generate`: prompts go in as token ids (never re-tokenized), every request
-has its own seed, and the sampled ids and their log-probs come back in the layout the HF path
-gives, so trajectories look the same whichever engine sampled them. The PPO denominators are
-still recomputed by the student in ``Trainer.prepare``; the vLLM log-probs only fill
-``Trajectory.behaviour_logprobs``.
+has its own seed, and the sampled ids come back in the layout the HF path gives, so
+trajectories look the same whichever engine sampled them. No log-probs are asked for: the
+PPO denominators are recomputed by the student over the packed episodes (``Trainer.prepare``).
 
 vLLM API this module relies on (vLLM's offline ``LLM`` class and its RLHF examples and docs):
 
@@ -24,9 +23,8 @@ vLLM API this module relies on (vLLM's offline ``LLM`` class and its RLHF exampl
   of the old weights.
 - ``LLM.generate(prompts, sampling_params, use_tqdm=False)`` with ``{"prompt_token_ids": ids}``
   prompts (``TokensPrompt``) and one ``SamplingParams(temperature, max_tokens, stop_token_ids,
-  seed, logprobs=0, detokenize=False)`` per prompt; ``outputs[0].token_ids`` (ending with the
-  stop id when one was sampled) and ``outputs[0].logprobs[k][token_id].logprob``, taken after
-  temperature scaling (``logprobs_mode="processed_logprobs"``).
+  seed, detokenize=False)`` per prompt; ``outputs[0].token_ids`` (ending with the stop id when
+  one was sampled).
 
 Sleep mode is not used: level-2 sleep is reported to corrupt weights on wake-up
 (vllm-project/vllm#29341), so vLLM keeps its weights and KV cache (``rollout.vllm_gpu_memory_
@@ -41,13 +39,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
 from .config import ConfigError
+from .distributed import standalone_env
 
 log = logging.getLogger("atod_fast")
 
@@ -83,16 +81,6 @@ class WeightSyncExtension:
         return sorted(n for n, _ in self.model_runner.model.named_parameters())
 
 
-def _torchrun_env() -> None:
-    """The launcher environment the external-launcher executor reads, for a run started without torchrun."""
-    if "MASTER_ADDR" in os.environ:
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-
-
 def export_config(lm, tokenizer) -> tempfile.TemporaryDirectory:
     """A folder with the student's config, generation config and tokenizer (no weights: the first sync writes
     them), for a student that exists only in memory (the built-in one)."""
@@ -119,31 +107,24 @@ class VllmGenerator:
 
         # In-process engine: collective_rpc then hands the student's CUDA tensors over without serializing.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        _torchrun_env()
+        standalone_env()  # the external-launcher executor reads the torchrun environment
         llm = vllm.LLM(
             model=model, tensor_parallel_size=1, distributed_executor_backend="external_launcher",
             worker_extension_cls=EXTENSION, load_format="dummy", dtype=dtype,
             gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, seed=seed,
-            logprobs_mode="processed_logprobs", trust_remote_code=trust_remote_code,
+            trust_remote_code=trust_remote_code,
         )
         return cls(llm, vllm.SamplingParams, keep_alive=keep_alive)
 
     def generate(self, prompts: Sequence[Sequence[int]], *, episode_seeds: Sequence[int], turn: int,
                  stop_ids: Sequence[int], max_new_tokens: int, temperature: float,
-                 base_seed: int) -> list[tuple[list[int], list[float]]]:
-        """One agent turn for every prompt (the ``generate`` contract of :func:`atod_fast.rollout.play`)."""
+                 base_seed: int) -> list[list[int]]:
+        """One agent turn for every prompt (the ``generate`` contract of :func:`atod_fast.trainer.rollout.play`)."""
         params = [self._params(temperature=temperature, max_tokens=max_new_tokens, stop_token_ids=list(stop_ids),
-                               seed=request_seed(base_seed, s, turn), logprobs=0, detokenize=False)
+                               seed=request_seed(base_seed, s, turn), detokenize=False)
                   for s in episode_seeds]
         outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
-        result = []
-        for out in outputs:
-            completion = out.outputs[0]
-            ids = [int(t) for t in completion.token_ids]
-            if completion.logprobs is None or len(completion.logprobs) != len(ids):
-                raise RuntimeError("vLLM returned no log-prob for some sampled tokens (logprobs=0 was requested)")
-            result.append((ids, [float(completion.logprobs[k][t].logprob) for k, t in enumerate(ids)]))
-        return result
+        return [[int(t) for t in out.outputs[0].token_ids] for out in outputs]
 
     @torch.no_grad()
     def sync_weights(self, named_params: Iterable[tuple[str, torch.Tensor]],

@@ -43,14 +43,14 @@ def run_losses(out: Path, engines: list[str], overrides: list[str]) -> None:
         d = tr.dist
         seeds = train_seeds(cfg.seed, 1, cfg.rollout.episodes_per_step)
         torch.manual_seed(1234)
-        trajs = play(tr.models.policy.lm, tr.models.tokenizer, tr.fmt, [cfg.env.make() for _ in seeds], seeds,
+        trajs = play(tr.models.policy.lm, tr.models.tokenizer, tr.rollout_engine.fmt, [cfg.env.make() for _ in seeds], seeds,
                      max_turns=tr.max_turns, max_new_tokens=cfg.rollout.max_new_tokens,
                      max_episode_tokens=cfg.rollout.max_episode_tokens, temperature=cfg.rollout.temperature,
                      device=tr.device, any_rank_active=d.any if tr.engine.zero3 else None)
         mine = trajs[d.rank::d.world]
         steps = []
         for step in (1, 2):
-            m = tr.update(step, tr.prepare(step, mine))
+            m = tr.learner.update(step, *tr.prepare(step, mine), tr.teacher)
             steps.append({k: m[k] for k in ("loss", "distill", "pg", "value_loss", "entropy", "clipfrac",
                                             "grad_norm", "skipped_updates")})
         full = tr.engine.full_state_dict() if tr.engine.zero3 else tr.models.policy.state_dict()

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 
 from .. import _native
+from .._triton import check_triton_backend, triton_available
 from .inputs import GaeInputs, check_token_values, validate
 from .torch_impl import gae_torch
 
@@ -39,9 +38,7 @@ def _gae_cpp(x: GaeInputs) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _gae_triton(x: GaeInputs) -> tuple[torch.Tensor, torch.Tensor]:
-    if x.rewards.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"backend='triton' needs CUDA tensors, got tensors on {x.rewards.device} "
-                         "(CPU tensors run only under TRITON_INTERPRET=1, for testing)")
+    check_triton_backend("triton", x.rewards.device)
     from atod_fast.kernels.gae import gae_triton
 
     # the interpreter runs each block in numpy: small blocks keep CPU tests fast
@@ -57,21 +54,13 @@ def _gae_triton(x: GaeInputs) -> tuple[torch.Tensor, torch.Tensor]:
 _IMPLS = {"cpp": _gae_cpp, "triton": _gae_triton, "torch": gae_torch}
 
 
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
     if backend != "auto":
         return backend
     if device.type == "cuda":
-        return "triton" if _triton_available() else "torch"
+        return "triton" if triton_available() else "torch"
     ext, why = _native.load(_EXT)
     if ext is None:
         _native.warn_fallback_once(_EXT, why, "GAE (backend='torch')")

@@ -40,10 +40,6 @@ class GaeInputs:
     def num_tokens(self) -> int:
         return self.rewards.shape[0]
 
-    @property
-    def num_trajectories(self) -> int:
-        return self.cu_host.shape[0] - 1
-
 
 def _to_torch(name: str, x) -> tuple[torch.Tensor, str]:
     if isinstance(x, torch.Tensor):

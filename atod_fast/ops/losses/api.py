@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 
+from .._triton import check_triton_backend, triton_available
 from .chunked import atod_loss_chunked
 from .fused import atod_loss_fused
 from .inputs import validate
@@ -52,20 +52,9 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
     if backend == "auto":
         return "triton" if device.type == "cuda" and triton_available() else "torch"
-    if backend.startswith("triton") and not triton_available():
-        raise ValueError(f"backend={backend!r} needs the triton package, which is not installed; "
-                         "use backend='torch' (or 'auto')")
+    if backend.startswith("triton"):
+        check_triton_backend(backend, device)
     return backend
-
-
-@functools.cache
-def triton_available() -> bool:
-    """Whether Triton imports here (Linux x86-64 wheels; absent on macOS). Imported only when asked."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def atod_loss(

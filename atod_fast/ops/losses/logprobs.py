@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .._triton import check_triton_backend, triton_available
 from .chunked import Head, choose_chunk_size, mm_acc
 
 LPE_BACKENDS = ("auto", "reference", "torch", "triton", "triton_fused")
@@ -133,8 +134,6 @@ def fused_logprobs_entropy(hidden, weight, target_ids, *, bias=None, temperature
     Returns:
         ``(logprobs [N], entropy [N])``, float32 (float64 for float64 inputs on the torch backends).
     """
-    from .api import triton_available
-
     for name, t, nd in (("hidden", hidden, 2), ("weight", weight, 2), ("target_ids", target_ids, 1)):
         if not isinstance(t, torch.Tensor) or t.dim() != nd:
             raise ValueError(f"{name} must be a {nd}-D torch.Tensor, got {getattr(t, 'shape', type(t))}")
@@ -166,8 +165,8 @@ def fused_logprobs_entropy(hidden, weight, target_ids, *, bias=None, temperature
             z = z + bias.to(dt)
         lp = torch.log_softmax(z / temperature, dim=-1)
         return lp.gather(1, target_ids[:, None]).squeeze(1), -(lp.exp() * lp).sum(-1)
-    if backend.startswith("triton") and not triton_available():
-        raise ValueError(f"backend={backend!r} needs the triton package, which is not installed; use 'torch'")
+    if backend.startswith("triton"):
+        check_triton_backend(backend, hidden.device)
     if backend == "triton_fused":
         return _FusedLogprobsEntropy.apply(hidden, weight, bias, target_ids, float(temperature))
     return _ChunkedLogprobsEntropy.apply(hidden, weight, bias, target_ids, float(temperature), backend)
