@@ -18,10 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .codes import DIV_CODES, TEACHER_CODES
 from .softmax_tiles import grad_tile, jsd_constants, jsd_tile, stats_finish, stats_update
 
-TEACHER_CODES = {"none": 0, "dense": 1, "sparse": 2}
-DIV_CODES = {"reverse_kl": 0, "forward_kl": 1, "jsd": 2}
 STATS = ("m_s", "log_ls", "entropy", "logprob", "distill", "kl_sm", "m_t", "log_lt")
 """Rows of the forward's [8, N] output. For a sparse teacher ``distill`` holds Σ p̂ z_s[id] and the
 host finishes the divergence; the backward reads Σ p̂ from the ``kl_sm`` row (the host puts it there)."""
@@ -178,10 +177,32 @@ def _fused_grad_kernel(
             tl.atomic_add(gw_ptr + cols[:, None] * H + ks[None, :], gw, mask=cmask[:, None] & kmask[None, :])
 
 
-def _config(device, h, ht):
+# (kernel, arch, float32 operands) -> (BLOCK_N, BLOCK_V, BLOCK_K, num_warps, num_stages).
+# Chosen so that no variant spills on sm_90 or sm_80 (benchmarks/kernel_resources.py; docs/kernels-tuning.md).
+CUDA_CONFIGS = {
+    ("_fused_stats_kernel", 90, False): (64, 64, 64, 8, 3),
+    ("_fused_stats_kernel", 80, False): (64, 64, 64, 8, 3),
+    ("_fused_stats_kernel", 90, True): (32, 64, 32, 8, 2),
+    ("_fused_stats_kernel", 80, True): (32, 64, 32, 8, 2),
+    ("_fused_grad_kernel", 90, False): (64, 64, 32, 8, 2),
+    ("_fused_grad_kernel", 80, False): (64, 64, 32, 8, 2),
+    ("_fused_grad_kernel", 90, True): (32, 32, 32, 8, 2),
+    ("_fused_grad_kernel", 80, True): (32, 64, 32, 8, 2),
+}
+
+
+def cuda_config(cc: int, kernel: str, f32: bool):
+    """(block constexprs, launch options) of ``kernel`` on compute capability ``cc`` (≥ 90 uses the
+    Hopper entry, anything else the Ampere one) with float32 or half-precision operands."""
+    bn, bv, bk, warps, stages = CUDA_CONFIGS[(kernel, 90 if cc >= 90 else 80, f32)]
+    return dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk), dict(num_warps=warps, num_stages=stages)
+
+
+def _config(device, kernel, hs):
     if device.type != "cuda":  # interpreter: small tiles keep numpy's work per program low
         return dict(BLOCK_N=32, BLOCK_V=256, BLOCK_K=32), dict(num_warps=1)
-    return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_K=64), dict(num_warps=8, num_stages=3)
+    major, minor = torch.cuda.get_device_capability(device)
+    return cuda_config(major * 10 + minor, kernel, hs.dtype == torch.float32)
 
 
 def _precision(hs):
@@ -207,7 +228,7 @@ def fused_stats(hs, ws, bs, ht, wt, bt, tgt, ids, phat, *, teacher, divergence, 
     stats = torch.empty((len(STATS), n), dtype=torch.float32, device=hs.device)
     if n == 0:
         return stats
-    blocks, launch = _config(hs.device, hs.shape[1], ht.shape[1] if ht is not None else 0)
+    blocks, launch = _config(hs.device, "_fused_stats_kernel", hs)
     _fused_stats_kernel[(triton.cdiv(n, blocks["BLOCK_N"]),)](
         *_common(hs, ws, bs, ht, wt, bt, tgt, ids, phat, teacher), stats,
         n, v, hs.shape[1], ht.shape[1] if teacher == "dense" else hs.shape[1], 0 if ids is None else ids.shape[1],
@@ -233,7 +254,7 @@ def fused_grad(hs, ws, bs, ht, wt, bt, tgt, ids, phat, stats, c_lp, lam, ent_coe
     gb = torch.zeros((v,), dtype=torch.float32, device=dev) if need_b else None
     if n == 0 or not (need_h or need_w or need_b):
         return gh, gw, gb
-    blocks, launch = _config(dev, h, ht.shape[1] if ht is not None else 0)
+    blocks, launch = _config(dev, "_fused_grad_kernel", hs)
     grid = (triton.cdiv(n, blocks["BLOCK_N"]), triton.cdiv(v, blocks["BLOCK_V"]))
     _fused_grad_kernel[grid](
         *_common(hs, ws, bs, ht, wt, bt, tgt, ids, phat, teacher), stats, c_lp, lam, ent_coef, scale,

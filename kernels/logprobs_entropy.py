@@ -72,12 +72,17 @@ def _lpe_bwd_kernel(z_ptr, stride_z, tgt_ptr, lse_ptr, ent_ptr, g_lp_ptr, g_ent_
         tl.store(ptrs, dz * inv_t, mask=valid)
 
 
+def cuda_config(cc: int, vocab: int):
+    """(block constexprs, launch options) on a GPU of compute capability ``cc``: one row per program."""
+    return dict(BLOCK_R=1, BLOCK_V=min(triton.next_power_of_2(vocab), 4096)), dict(num_warps=8)
+
+
 def _blocks(z):
     r, v = z.shape
-    interp = z.device.type != "cuda"
-    block_r = min(16, triton.next_power_of_2(max(r, 1))) if interp else 1
-    block_v = min(triton.next_power_of_2(v), 256 if interp else 4096)
-    return block_r, block_v, dict(num_warps=1 if interp else 8)
+    if z.device.type == "cuda":
+        blocks, launch = cuda_config(torch.cuda.get_device_capability(z.device)[0] * 10, v)
+        return blocks["BLOCK_R"], blocks["BLOCK_V"], launch
+    return min(16, triton.next_power_of_2(max(r, 1))), min(triton.next_power_of_2(v), 256), dict(num_warps=1)
 
 
 def lpe_rows_forward(z, tgt, temperature):

@@ -157,6 +157,30 @@ def test_train_end_to_end_under_ddp_and_zero2(cli_run):
     assert (cli_run / "eval.json").is_file()
 
 
+@pytest.mark.parametrize("engine", ["ddp", pytest.param("zero2", marks=needs_ds)])
+def test_lora_student_trains_under_two_processes(env, tmp_path, engine):
+    from atod_fast.trainer.metrics import read_metrics
+
+    dist = ["distributed.engine=ddp"] if engine == "ddp" else ["distributed.engine=deepspeed",
+                                                               "distributed.zero_stage=2"]
+    lora = ["model.lora.r=4", "model.lora.target_modules=[q_proj,v_proj]", "eval.at_end=false", "optim.lr=1e-2"]
+    torchrun(env, tmp_path, 2, "cli", str(tmp_path), "--", "train", "--output-dir", str(tmp_path / "run"),
+             "--max-steps", "2", *TINY, *dist, *lora)
+    rows = read_metrics(tmp_path / "run")
+    assert [m["step"] for m in rows] == [1, 2] and all(m["skipped_updates"] == 0 for m in rows)
+    a = [_weights(tmp_path / f"run/checkpoints/step-00000{s}/student/adapter_model.safetensors") for s in (1, 2)]
+    assert a[0].keys() == a[1].keys() and any(not torch.equal(a[0][k], a[1][k]) for k in a[0])
+
+
+def test_lora_is_refused_under_zero3():
+    from atod_fast.trainer.loop import Trainer
+
+    cfg = load_train_config(None, ["model.lora.r=4", "distributed.engine=deepspeed", "distributed.zero_stage=3"])
+    with pytest.raises(ConfigError, match=r"model\.lora\.r: LoRA students are not supported with "
+                                          r"distributed\.zero_stage=3"):
+        Trainer(cfg)
+
+
 @needs_ds
 def test_resume_from_a_zero3_checkpoint_continues_exactly(zero3_runs):
     a = zero3_runs / "full/run/checkpoints/step-000002"

@@ -155,13 +155,13 @@ def _cmd_eval(args) -> int:
     from ..trainer.distributed import resolve_device
     from ..trainer.evaluation import compare, eval_kwargs, evaluate_model, format_table
     from ..trainer.loading import teacher_location
+    from ..trainer.lora import load_checkpoint_student
     from ..trainer.models import check_same_tokenizer, load_causal_lm
 
     device = resolve_device(cfg.device)
     episodes = args.episodes or cfg.eval.episodes
     try:
-        lm, tok = load_causal_lm(str(ckpt / "student"), dtype=cfg.model.dtype,
-                                 trust_remote_code=cfg.model.trust_remote_code)
+        lm, tok = load_checkpoint_student(cfg, ckpt, progress=not args.json)  # a LoRA one: base + adapter
     except ValueError as e:
         return _fail(e)
     lm.to(device)

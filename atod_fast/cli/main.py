@@ -7,6 +7,8 @@ import sys
 
 from .._version import __version__
 from .commands import add_train_commands
+from .export import add_export_command
+from .serve_teacher import add_serve_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,19 +19,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"atod-fast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    p = sub.add_parser("envs", help="list the registered environments")
+    p = sub.add_parser("envs", help="list the environments env.name can name",
+                       description="Built-in environments, adapters of third-party games (with the package they "
+                       "need) and environments installed under the entry-point group atod_fast.envs. Any "
+                       "importable class or factory also works as env.name=package.module:ClassOrFactory.")
     p.set_defaults(func=_cmd_envs)
     add_train_commands(sub)
+    add_serve_command(sub)
+    add_export_command(sub)
     return parser
 
 
 def _cmd_envs(args) -> int:
-    from ..envs import registered
+    from ..envs import available
 
-    envs = registered()
-    width = max(map(len, envs))
-    for name, desc in envs.items():
-        print(f"{name:<{width}}  {desc}")
+    rows = available()
+    width = max(len(name) for name, _, _ in rows)
+    kind_width = max(len(kind) for _, kind, _ in rows)
+    for name, kind, desc in rows:
+        print(f"{name:<{width}}  {kind:<{kind_width}}  {desc}")
+    print("\nAlso: env.name=package.module:ClassOrFactory (any importable environment), with env.kwargs.")
     return 0
 
 

@@ -143,4 +143,5 @@ class TextArenaEnv:
         return f"[{(self._lo + self._hi) // 2}]"
 
 
-register("textarena", TextArenaEnv, "a textarena single-player game (env_id=GuessTheNumber-v0, TowerOfHanoi-v0, ...)")
+register("textarena", TextArenaEnv, "a textarena single-player game (env_id=GuessTheNumber-v0, TowerOfHanoi-v0, ...)",
+         package="textarena")

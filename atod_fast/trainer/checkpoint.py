@@ -156,11 +156,15 @@ def export_student(policy, ckpt: Path, full_state: dict | None = None) -> None:
     """
     from safetensors.torch import save_file
 
+    from .lora import is_lora, save_adapter
+
+    lm_sd = None if full_state is None else {k[3:]: v for k, v in full_state.items() if k.startswith("lm.")}
+    if is_lora(policy.lm):  # the adapter alone (peft's format): the base is rebuilt from the run's config
+        save_adapter(policy.lm, ckpt / "student", base_name=policy.lm.config.name_or_path or None, state=lm_sd)
+    else:
+        policy.lm.save_pretrained(ckpt / "student", state_dict=lm_sd, safe_serialization=True)
     if full_state is None:
-        policy.lm.save_pretrained(ckpt / "student", safe_serialization=True)
         return
-    lm_sd = {k[3:]: v for k, v in full_state.items() if k.startswith("lm.")}
-    policy.lm.save_pretrained(ckpt / "student", state_dict=lm_sd, safe_serialization=True)
     vh = {k[len("value_head."):]: v.detach().cpu().float().contiguous() for k, v in full_state.items()
           if k.startswith("value_head.")}
     save_file(vh, str(ckpt / "value_head.safetensors"))

@@ -64,6 +64,29 @@ BUILTIN = "builtin"
 
 
 @dataclass(kw_only=True)
+class LoraSettings:
+    """LoRA adapters on the student (peft): only they and the value head train."""
+
+    r: int = 0
+    """Rank of the adapters; 0: no LoRA (every student parameter trains)."""
+    alpha: float = 16.0
+    """Scale numerator: the adapter's update is multiplied by alpha / r."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input during training."""
+    target_modules: list[str] | None = None
+    """Names of the linear modules that get adapters (e.g. [q_proj, v_proj]); null: peft's default for the
+    architecture."""
+
+    def check(self) -> None:
+        _need(_int(self.r) and self.r >= 0, "model.lora.r", "an integer >= 0", self.r)
+        _need(_num(self.alpha) and self.alpha > 0, "model.lora.alpha", "a number > 0", self.alpha)
+        _need(_num(self.dropout) and 0 <= self.dropout < 1, "model.lora.dropout", "a number in [0, 1)", self.dropout)
+        t = self.target_modules
+        _need(t is None or (len(t) > 0 and all(isinstance(m, str) and m for m in t)), "model.lora.target_modules",
+              "null or a non-empty list of module names", t)
+
+
+@dataclass(kw_only=True)
 class ModelConfig:
     """Which models play student, teacher and reference."""
 
@@ -87,13 +110,40 @@ class ModelConfig:
     """transformers attn_implementation of loaded models (e.g. flash_attention_2, sdpa); null: transformers' choice."""
     liger: bool = False
     """Apply Liger-Kernel's patches (RMSNorm, RoPE, SwiGLU) to the student; the LM head stays with the fused loss."""
+    teacher_server: str | None = None
+    """URL of a teacher behind vLLM's completions API (``vllm serve``, ``atod-fast serve-teacher``) scoring the
+    trajectories' token ids with top-k prompt log-probs (a sparse teacher: loss.divergence=forward_kl). The model
+    at model.teacher is then not loaded (a built-in student still takes its tokenizer from it). Needs the serve
+    extra."""
+    teacher_topk: int = 20
+    """k of the served teacher: prompt_logprobs per position (vllm serve refuses k above its --max-logprobs)."""
+    teacher_timeout_s: float = 120.0
+    """Seconds one scoring request to the teacher server may take before it is retried."""
+    teacher_retries: int = 3
+    """Retries of a failed or timed-out scoring request (exponential backoff); then the step is skipped."""
+    teacher_max_inflight: int = 8
+    """Scoring requests (one per trajectory) in flight at once, per rank."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA adapters on the student (model.lora.r > 0; needs the lora extra)."""
 
     def __post_init__(self):
+        t = self.teacher_server
+        _need(t is None or (isinstance(t, str) and t.startswith(("http://", "https://"))), "model.teacher_server",
+              "null or an http:// or https:// URL", t)
+        _need(_int(self.teacher_topk) and self.teacher_topk >= 1, "model.teacher_topk", "an integer >= 1",
+              self.teacher_topk)
+        _need(_num(self.teacher_timeout_s) and self.teacher_timeout_s > 0, "model.teacher_timeout_s",
+              "a number > 0", self.teacher_timeout_s)
+        for f in ("teacher_retries", "teacher_max_inflight"):
+            lo = 0 if f == "teacher_retries" else 1
+            _need(_int(getattr(self, f)) and getattr(self, f) >= lo, f"model.{f}", f"an integer >= {lo}",
+                  getattr(self, f))
         _need(isinstance(self.student, str) and self.student != "", "model.student", "a model name or path",
               self.student)
         _need(self.dtype in ("float32", "bfloat16"), "model.dtype", "float32 or bfloat16", self.dtype)
         _need(self.packing in ("auto", "packed", "padded"), "model.packing", "auto, packed or padded", self.packing)
         self.student_arch.check("model.student_arch")
+        self.lora.check()
 
 
 # The embedded default plays guess_number on 1..31 with 5 guesses: bisection always wins there, so
@@ -106,26 +156,37 @@ class EnvConfig:
     """The environment, built with ``atod_fast.envs.make(name, **kwargs)``."""
 
     name: str = "guess_number"
-    """Registered environment name (``atod-fast envs`` lists them)."""
+    """A built-in name (``atod-fast envs`` lists them), an entry point of group ``atod_fast.envs``, or
+    ``package.module:ClassOrFactory`` (any importable class or function returning an environment)."""
     kwargs: dict[str, Any] | None = None
     """Keyword arguments of the environment's constructor; null: the built-in defaults (guess_number: 1..31,
     5 guesses; other environments: their own defaults)."""
+    step_timeout_s: float | None = None
+    """Time limit of one reset or step in seconds (for environments that can hang: a JVM, a remote service);
+    a step over it ends its episode as failed, with a log line. null: no limit."""
 
     def __post_init__(self):
-        from ..envs import registered
+        from ..envs import EnvSpecError, resolve
 
-        _need(self.name in registered(), "env.name", f"one of {sorted(registered())}", self.name)
+        try:
+            resolve(self.name)
+        except EnvSpecError as e:
+            raise ConfigError(str(e)) from None
+        t = self.step_timeout_s
+        _need(t is None or (_num(t) and t > 0), "env.step_timeout_s", "null or a number > 0", t)
 
     def resolved_kwargs(self) -> dict[str, Any]:
         return dict(DEFAULT_ENV_KWARGS.get(self.name, {}) if self.kwargs is None else self.kwargs)
 
     def make(self, **extra):
         """A new environment; bad keyword arguments are a ConfigError naming env.kwargs."""
-        from ..envs import make
+        from ..envs import EnvSpecError, make
 
         kwargs = self.resolved_kwargs()
         try:
-            return make(self.name, **kwargs, **extra)
+            return make(self.name, step_timeout_s=self.step_timeout_s, **kwargs, **extra)
+        except EnvSpecError as e:
+            raise ConfigError(str(e)) from None
         except (TypeError, ValueError) as e:
             raise ConfigError(f"env.kwargs: {self.name} rejects {kwargs}: {e}") from None
 
@@ -182,7 +243,8 @@ class ScheduleConfig:
     handover: str = "auto"
     """mode=atod only. auto: λ holds at lambda_max until the student has caught up with its teacher on training
     episodes (the gate_* keys), then anneals over anneal_steps (docs/handover.md); fixed: λ anneals from step 0
-    over total_steps."""
+    over total_steps. A served teacher (model.teacher_server) cannot play episodes for the gate's bar: there the
+    run is fixed (a warning says so)."""
     total_steps: int | None = None
     """handover=fixed: steps over which λ anneals in time; null: max_steps."""
     anneal_steps: int | None = ANNEAL_STEPS
@@ -545,9 +607,12 @@ class TrainConfig:
               self.ppo.value_warmup_steps)
         _need(not (self.gated and self.distributed.teacher_zero3), "schedule.handover",
               "fixed with distributed.teacher_zero3 (auto measures the teacher on one rank)", self.schedule.handover)
-        if self.schedule.mode != "rl":
+        if self.schedule.mode != "rl" and self.model.teacher_server is None:
             _need(self.model.teacher is not None, "model.teacher",
                   f"a teacher for schedule.mode={self.schedule.mode} (null only with mode rl)", None)
+        if self.model.teacher_server is not None:  # the loss takes a top-k teacher with forward KL only
+            _need(self.loss.divergence == "forward_kl", "loss.divergence",
+                  "forward_kl with model.teacher_server (a top-k teacher)", self.loss.divergence)
         g, n = self.group_size, self.rollout.episodes_per_step
         _need(self.ppo.advantage == "gae" or g >= 2, "rollout.group_size",
               "an integer >= 2 under ppo.advantage=grpo (a singleton group's advantage is 0)", g)
@@ -562,8 +627,8 @@ class TrainConfig:
 
     @property
     def gated(self) -> bool:
-        """λ is held until the progress gate opens (schedule.handover=auto under mode=atod)."""
-        return self.schedule.mode == "atod" and self.schedule.handover == "auto"
+        """λ is held until the progress gate opens (schedule.handover=auto under mode=atod, with a local teacher)."""
+        return self.schedule.mode == "atod" and self.schedule.handover == "auto" and self.model.teacher_server is None
 
 
 @dataclass(kw_only=True)
@@ -663,6 +728,9 @@ def config_hash(obj: Any) -> str:
 
 # Keys that may change when resuming a run (everything else must match the checkpoint's config).
 RESUMABLE_KEYS = ("output_dir", "max_steps", "device", "checkpoint", "logging", "eval")
+# Where the teacher is served and how it is asked may change (a restarted server on another host), not whether.
+RESUMABLE_SUBKEYS = ("model.teacher_server", "model.teacher_timeout_s", "model.teacher_retries",
+                     "model.teacher_max_inflight")
 
 
 def incompatible_keys(saved: TrainConfig, new: TrainConfig) -> list[str]:
@@ -673,7 +741,9 @@ def incompatible_keys(saved: TrainConfig, new: TrainConfig) -> list[str]:
             continue
         a, b = getattr(saved, f.name), getattr(new, f.name)
         if hasattr(a, "__dataclass_fields__"):
-            out += [f"{f.name}.{g.name}" for g in fields(a) if getattr(a, g.name) != getattr(b, g.name)]
+            out += [f"{f.name}.{g.name}" for g in fields(a) if getattr(a, g.name) != getattr(b, g.name)
+                    and not (f"{f.name}.{g.name}" in RESUMABLE_SUBKEYS and None not in (getattr(a, g.name),
+                                                                                         getattr(b, g.name)))]
         elif a != b:
             out.append(f.name)
     return out

@@ -23,7 +23,8 @@ _BATCH = 128
 
 def evaluate_model(lm, tokenizer, *, env_name: str, env_kwargs: dict, episodes: int, max_turns: int | None,
                    max_new_tokens: int, max_episode_tokens: int, temperature: float, device: torch.device,
-                   chat_template: str | None = None, seeds: list[int] | None = None) -> dict:
+                   chat_template: str | None = None, step_timeout_s: float | None = None,
+                   seeds: list[int] | None = None) -> dict:
     """Play ``episodes`` held-out episodes; returns success_rate, reward_mean, episodes and more.
 
     Sampling uses its own fixed seed (the global RNG state is left untouched), so two
@@ -40,7 +41,7 @@ def evaluate_model(lm, tokenizer, *, env_name: str, env_kwargs: dict, episodes: 
         torch.manual_seed(EVAL_SAMPLING_SEED)
         for i in range(0, episodes, _BATCH):
             chunk = seeds[i:i + _BATCH]
-            envs = [envs_mod.make(env_name, **env_kwargs) for _ in chunk]
+            envs = [envs_mod.make(env_name, step_timeout_s=step_timeout_s, **env_kwargs) for _ in chunk]
             turns = max_turns if max_turns is not None else envs[0].max_turns
             trajs += play(lm, tokenizer, fmt, envs, chunk, max_turns=turns, max_new_tokens=max_new_tokens,
                           max_episode_tokens=max_episode_tokens, temperature=temperature, device=device)
@@ -64,7 +65,8 @@ def eval_kwargs(cfg: TrainConfig, device: torch.device, episodes: int) -> dict:
     r = cfg.rollout
     return dict(env_name=cfg.env.name, env_kwargs=cfg.env.resolved_kwargs(), episodes=episodes,
                 max_turns=r.max_turns, max_new_tokens=r.max_new_tokens, max_episode_tokens=r.max_episode_tokens,
-                temperature=cfg.eval.temperature, device=device, chat_template=cfg.model.chat_template)
+                temperature=cfg.eval.temperature, device=device, chat_template=cfg.model.chat_template,
+                step_timeout_s=cfg.env.step_timeout_s)
 
 
 def compare(cfg: TrainConfig, student_lm, tokenizer, teacher, teacher_path, device, *, episodes: int,

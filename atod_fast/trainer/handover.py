@@ -17,12 +17,15 @@ steps (null: the steps left in the run) started at the first step after the warm
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import deque
 
 import torch
 
 from ..ops.schedule import AnnealSchedule
+
+log = logging.getLogger("atod_fast")
 
 
 class HandoverController:
@@ -138,6 +141,9 @@ def make_controller(cfg, models, *, max_turns: int, teacher_path: str | None, di
     from .lam import ScheduleController, build_schedule
 
     if not cfg.gated:
+        if cfg.schedule.mode == "atod" and cfg.schedule.handover == "auto" and dist.is_main:
+            log.warning("schedule.handover=auto needs the teacher's own play for its gate, which a served teacher "
+                        "(model.teacher_server) cannot give: λ anneals from step 0 (as schedule.handover=fixed)")
         return ScheduleController(build_schedule(cfg, max_turns))
     from .teacher_success import teacher_train_success
 

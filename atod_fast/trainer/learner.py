@@ -58,7 +58,8 @@ def make_optimizer(cfg: TrainConfig, policy, lr_factor=None) -> tuple[torch.opti
     """AdamW and its LR schedule; ``lr_factor(step)`` (1-based training step) multiplies the schedule (the
     hand-over's ``optim.handover_lr_scale``), read whenever the LR is set."""
     o = cfg.optim
-    opt = torch.optim.AdamW(policy.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+    trainable = [p for p in policy.parameters() if p.requires_grad]  # a LoRA student: adapters and value head
+    opt = torch.optim.AdamW(trainable, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                             weight_decay=o.weight_decay)
     f = lr_lambda(cfg)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, f if lr_factor is None else lambda k: f(k) * lr_factor(k + 1))
@@ -110,6 +111,7 @@ class _Tally:
         m["grad_norm"] = sum(self.grad_norms) / len(self.grad_norms) if self.grad_norms else float("nan")
         m["skipped_updates"] = self.skipped
         m["nonfinite"] = self.skipped > 0
+        m["teacher_skipped"] = False
         return m
 
 
@@ -162,10 +164,18 @@ class PpoLearner:
                 idx = [i // d.world for i in mb if i % d.world == d.rank and g_counts[i] > 0]
                 weight = d.world * sum(counts[i] for i in idx) / global_n
                 self._minibatch(batch, rows, idx or [spare], weight, teacher, tally, value_only)
+        self._step_scheduler()
+        return tally.metrics(d)
+
+    def skip(self) -> dict:
+        """A step without an update (its teacher scores are missing): the LR schedule still follows the step."""
+        self._step_scheduler()
+        return {**_Tally().metrics(self.dist), "teacher_skipped": True}
+
+    def _step_scheduler(self) -> None:
         with warnings.catch_warnings():  # the LR schedule follows training steps, even fully skipped ones
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
             self.scheduler.step()
-        return tally.metrics(d)
 
     def refresh_lr(self) -> None:
         """Sets the next step's LR again from the schedule (after the λ controller changed ``lr_factor``)."""

@@ -76,8 +76,12 @@ def load_models(cfg: TrainConfig, teacher_path: str | None, *, device: torch.dev
         from .models import apply_liger
 
         apply_liger(lm)
+    if cfg.model.lora.r > 0:  # before the reference is copied: it starts as the same (adapted) student
+        from .lora import apply_lora
+
+        apply_lora(lm, cfg.model.lora, seed=cfg.seed)
     teacher = None
-    if teacher_path is not None:
+    if teacher_path is not None and cfg.model.teacher_server is None:  # a served teacher is asked over HTTP
         teacher = _frozen(cfg, teacher_path, tok, "teacher")
         if cfg.distributed.teacher_zero3:
             teacher = shard_teacher_zero3(teacher, cfg.distributed, device, world)
@@ -111,8 +115,13 @@ def load_student_weights(policy: Policy, ckpt: Path) -> None:
     """The student LM and value head of a checkpoint into ``policy`` (DeepSpeed restores its own)."""
     from safetensors.torch import load_file
 
+    from .lora import has_adapter, load_adapter
     from .models import load_value_head
 
+    if has_adapter(ckpt / "student"):  # a LoRA student: the base is rebuilt from the config, the adapter loaded
+        load_adapter(policy.lm, ckpt / "student")
+        load_value_head(policy.value_head, ckpt / "value_head.safetensors")
+        return
     state = {}
     for f in sorted((ckpt / "student").glob("*.safetensors")):
         state.update(load_file(str(f)))

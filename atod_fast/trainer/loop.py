@@ -45,7 +45,7 @@ from .metrics import MetricsWriter
 from .models import load_causal_lm
 from .reference import ReferenceScorer
 from .rollout import Trajectory, rollout_sums, stats_from_sums
-from .teacher import LocalTeacher
+from .teacher import make_teacher, score_rows
 
 log = logging.getLogger("atod_fast")
 
@@ -88,9 +88,8 @@ class Trainer:
                                   device=dev, world=self.dist.world)
         vocab = loss_vocab_size(m)
         self.learner = PpoLearner(cfg, m.policy, self.engine, self.scheduler, self.dist, vocab_size=vocab)
-        zero3_head = self.engine.gathered if cfg.distributed.teacher_zero3 else None
-        self.teacher = LocalTeacher(m.teacher, packing=cfg.model.packing, gather=zero3_head) \
-            if m.teacher is not None and self.controller.lambda_max > 0 else None
+        self.teacher = make_teacher(cfg, m, lambda_max=self.controller.lambda_max,
+                                    gather=self.engine.gathered if cfg.distributed.teacher_zero3 else None)
         self.reference = None if m.reference is None else ReferenceScorer(
             m.reference, packing=cfg.model.packing, temperature=cfg.loss.temperature, vocab_size=vocab,
             backend=cfg.loss.backend)
@@ -110,13 +109,14 @@ class Trainer:
         return self.rollout_engine.rollout(step)
 
     @torch.no_grad()
-    def prepare(self, step: int, trajs: list[Trajectory]) -> tuple[StepBatch, dict[str, torch.Tensor]]:
-        """The step batch and everything the PPO epochs need per agent row, in trajectory order."""
+    def prepare(self, step: int, trajs: list[Trajectory]) -> tuple[StepBatch, dict[str, torch.Tensor] | None]:
+        """The step batch and everything the PPO epochs need per agent row, in trajectory order (None: the teacher
+        server failed, the step is skipped)."""
         batch = StepBatch.build(trajs, self.device)
         rows, values = self.learner.behaviour(batch)
-        for scorer in (self.teacher, self.reference):
-            if scorer is not None:
-                rows.update(scorer.score(batch))
+        if (scores := score_rows(batch, (self.teacher, self.reference), self.dist, step)) is None:
+            return batch, None
+        rows.update(scores)
         adv, ret = self.advantages(batch, values if self.advantages.needs_values else None)
         rows["advantages"] = adv
         if ret is not None:
@@ -129,7 +129,10 @@ class Trainer:
         trajs = self.rollout(step)
         t1 = time.perf_counter()
         batch, rows = self.prepare(step, trajs)
-        metrics = self.learner.update(step, batch, rows, self.teacher, value_only=value_only(self.controller, step))
+        if rows is None:  # no teacher scores: no update
+            rows, metrics = {"lam": self.controller.lam(step, batch.agent_turns)}, self.learner.skip()
+        else:
+            metrics = self.learner.update(step, batch, rows, self.teacher, value_only=value_only(self.controller, step))
         self.rollout_engine.sync()  # the next rollout samples from the updated student
         t2 = time.perf_counter()
         lam_turn = [round(x, 6) for x in self.controller.lambda_turn(step, self.max_turns)]
@@ -213,6 +216,9 @@ def _check_run(cfg: TrainConfig, world: int, device: torch.device) -> None:
         from .vllm_rollout import check_available
 
         check_available(device)
+    if cfg.model.lora.r and cfg.distributed.engine == "deepspeed" and cfg.distributed.zero_stage == 3:
+        raise ConfigError("model.lora.r: LoRA students are not supported with distributed.zero_stage=3 (the "
+                          "checkpoint's adapter export and evaluation expect unsharded weights); use ZeRO-2 or DDP")
     if cfg.eval.every and cfg.distributed.engine == "deepspeed" and cfg.distributed.zero_stage == 3:
         # Held-out evaluation runs on rank 0 alone, which cannot see parameters ZeRO-3 shards.
         raise ConfigError("eval.every: held-out evaluation during training needs unsharded parameters; "

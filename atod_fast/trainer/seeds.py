@@ -1,10 +1,17 @@
-"""Disjoint environment-seed spaces, so held-out evaluation never replays a training episode."""
+"""Disjoint environment-seed spaces, so held-out evaluation never replays a training episode.
+
+The ranges are :mod:`atod_fast.envs.base`'s: environments with their own train/dev/test folds read
+the split from the seed (``split_of``).
+"""
 
 from __future__ import annotations
 
-_EVAL_BASE = 1 << 40
-_DEMO_BASE = 1 << 41
+from ..envs.base import DEMO_BASE as _DEMO_BASE
+from ..envs.base import DEV_BASE as _DEV_BASE
+from ..envs.base import EVAL_BASE as _EVAL_BASE
+
 _PROBE_BASE = 1 << 42
+"""The teacher's probe episodes (the hand-over gate's bar): train split, above every demonstration seed in use."""
 _PER_STEP = 1 << 16
 
 
@@ -17,8 +24,13 @@ def train_seeds(seed: int, step: int, n: int) -> list[int]:
 
 
 def eval_seeds(n: int) -> list[int]:
-    """Held-out seeds, the same for every run and model."""
+    """Held-out seeds (test split), the same for every run and model."""
     return [_EVAL_BASE + i for i in range(n)]
+
+
+def dev_seeds(n: int) -> list[int]:
+    """Held-out seeds of the dev split, for selection (never the test split's)."""
+    return [_DEV_BASE + i for i in range(n)]
 
 
 def demo_seeds(seed: int, n: int) -> list[int]:

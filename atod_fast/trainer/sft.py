@@ -146,7 +146,9 @@ def builtin_teacher(env_cfg: EnvConfig, sft: SftConfig, *, seed: int = 0, device
     Cached under ``$ATOD_FAST_CACHE`` (default ``~/.cache/atod-fast``), keyed by a hash of the
     environment, the SFT settings and the seed.
     """
-    key = config_hash({"env": asdict(env_cfg), "sft": asdict(sft), "seed": seed, "v": BUILTIN_TEACHER_VERSION})
+    # The time limit does not change the demonstrations: leaving it out keeps teachers cached before it existed.
+    env = {k: v for k, v in asdict(env_cfg).items() if k != "step_timeout_s"}
+    key = config_hash({"env": env, "sft": asdict(sft), "seed": seed, "v": BUILTIN_TEACHER_VERSION})
     path = cache_dir() / "teachers" / f"{env_cfg.name}-{key}"
     if (path / "config.json").is_file():
         return path

@@ -15,12 +15,15 @@ head is sharded materializes it there). :class:`LocalTeacher` is a teacher model
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Protocol, runtime_checkable
 
 import torch
 
 from .batch import StepBatch
 from .models import lm_head
+
+log = logging.getLogger("atod_fast")
 
 
 @runtime_checkable
@@ -57,3 +60,37 @@ class LocalTeacher:
 
     def gathered(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext() if self._gather is None else self._gather(self.head())
+
+
+def make_teacher(cfg, models, *, lambda_max: float, gather=None) -> TeacherScorer | None:
+    """The run's teacher scorer: a served one (``model.teacher_server``), the local teacher model, or none (no
+    teacher, or λ never above 0)."""
+    if lambda_max <= 0:
+        return None
+    if cfg.model.teacher_server is not None:
+        from .served_teacher import probe_text, served_teacher
+
+        return served_teacher(cfg, models.tokenizer, probe_text(models.tokenizer))
+    if models.teacher is None:
+        return None
+    return LocalTeacher(models.teacher, packing=cfg.model.packing, gather=gather)
+
+
+def score_rows(batch: StepBatch, scorers, dist, step: int) -> dict[str, torch.Tensor] | None:
+    """Every scorer's rows of ``batch``; None on every rank when a teacher server failed on any of them (the step is
+    then skipped: its rollouts are dropped and nothing is updated)."""
+    from .served_teacher import TeacherUnavailable
+
+    rows, failed = {}, None
+    for scorer in scorers:
+        if scorer is not None and failed is None:
+            try:
+                rows.update(scorer.score(batch))
+            except TeacherUnavailable as e:
+                failed = e
+    if dist.any(failed is not None):  # every rank skips together: the update is collective
+        if dist.is_main:
+            log.warning("step %d: the teacher server failed (%s); step skipped, the run goes on", step,
+                        failed or "on another rank")
+        return None
+    return rows

@@ -56,7 +56,8 @@ def teacher_train_success(cfg: TrainConfig, teacher, tokenizer, teacher_path: st
     res = evaluate_model(teacher, tokenizer, env_name=cfg.env.name, env_kwargs=cfg.env.resolved_kwargs(),
                          episodes=PROBE_EPISODES, max_turns=r.max_turns, max_new_tokens=r.max_new_tokens,
                          max_episode_tokens=r.max_episode_tokens, temperature=r.temperature, device=device,
-                         chat_template=cfg.model.chat_template, seeds=probe_seeds(PROBE_EPISODES))
+                         chat_template=cfg.model.chat_template, step_timeout_s=cfg.env.step_timeout_s,
+                         seeds=probe_seeds(PROBE_EPISODES))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps({**res, "settings": probe_settings(cfg, teacher_path)}, indent=2))

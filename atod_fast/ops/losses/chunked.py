@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import torch
 
+from atod_fast.kernels.codes import OUT_FIELDS
+
 from .inputs import LossInputs
-from .rowwise import OUT_FIELDS, TORCH_ROW_BUFFERS, torch_rows
+from .rows_compiled import COMPILED_ROW_BUFFERS, compiled_rows, use_compiled
+from .rowwise import TORCH_ROW_BUFFERS, torch_rows
 
 HALF = (torch.bfloat16, torch.float16)
 CPU_BUDGET_BYTES = 256 << 20
@@ -49,9 +52,12 @@ class Head:
         self.b = None if bias is None else bias.detach()[:vocab].to(dt)
         self.dt = dt
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Raw logits ``h Wᵀ + b``. [C, H] -> [C, vocab]"""
-        z = mm_acc(h, self.w.t(), self.dt)
+    def logits(self, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw logits ``h Wᵀ + b``, into ``out`` (a reused [C, vocab] buffer) if dtypes allow. [C, H] -> [C, vocab]"""
+        if out is not None and h.dtype == self.w.dtype == self.dt:
+            z = torch.mm(h, self.w.t(), out=out[: h.shape[0]])
+        else:
+            z = mm_acc(h, self.w.t(), self.dt)
         if self.b is not None:
             z += self.b
         return z
@@ -68,7 +74,10 @@ def choose_chunk_size(n_rows: int, vocab: int, hidden: int, *, row_buffers: int,
     c = max(1, budget // (4 * (vocab * row_buffers + 2 * hidden)))
     if c >= 64:
         c = c // 64 * 64
-    return max(1, min(c, n_rows))
+    c = max(1, min(c, n_rows))
+    if n_rows == 0:
+        return c
+    return -(-n_rows // -(-n_rows // c))  # equal chunks: no small last chunk for a matmul to waste time on
 
 
 def scaled_copy(dst: torch.Tensor, src: torch.Tensor, g: torch.Tensor, block_bytes: int = 64 << 20) -> None:
@@ -80,19 +89,54 @@ def scaled_copy(dst: torch.Tensor, src: torch.Tensor, g: torch.Tensor, block_byt
         dst[i:j] = src[i:j] * g
 
 
-def _rows_fn(kind: str):
+def _compiled_or_eager(zs, *args, **kw):
+    """The compiled row function, or the eager one (same contract) if compilation failed; the eager
+    one then runs on slices of the chunk sized for its own buffer count, to stay in the budget."""
+    out = compiled_rows(zs, *args, **kw)
+    if out is not None:
+        return out
+    step = max(1, zs.shape[0] * COMPILED_ROW_BUFFERS // TORCH_ROW_BUFFERS)
+    outs = []
+    for i in range(0, zs.shape[0], step):
+        sl = slice(i, i + step)
+        zt, tgt, old, adv, lam, ref, sp, scale = args
+        outs.append(torch_rows(zs[sl], None if zt is None else zt[sl], tgt[sl], old[sl], adv[sl], lam[sl],
+                               None if ref is None else ref[sl], None if sp is None else sp[sl], scale, **kw))
+    return torch.cat(outs, dim=1)
+
+
+def _rows_fn(kind: str, dt: torch.dtype, device: torch.device, elements: int):
+    """(row function, [C, V] buffers it keeps alive per chunk row) for this backend and problem."""
     if kind == "torch":
+        if use_compiled(device, dt, elements):
+            return _compiled_or_eager, COMPILED_ROW_BUFFERS
         return torch_rows, TORCH_ROW_BUFFERS
     from atod_fast.kernels.atod_loss import atod_rows
 
     return atod_rows, 3
 
 
+def _grad_matmuls(dz, hc, w, grad_h_rows, grad_w, dt):
+    """``grad_h_rows = dz @ W`` and ``grad_w += dzᵀ @ h`` for one chunk (either may be None)."""
+    # Half-precision heads on CUDA: one rounded copy of dz feeds both tensor-core matmuls.
+    dz_op = dz.to(w.dtype) if w.dtype in HALF else dz
+    same = dz_op.dtype == w.dtype == hc.dtype == dt
+    if grad_h_rows is not None:
+        if same:
+            torch.mm(dz_op, w, out=grad_h_rows)
+        else:
+            grad_h_rows.copy_(mm_acc(dz_op, w, dt))
+    if grad_w is not None:
+        if same:  # accumulated in place: no [V, H] temporary per chunk
+            grad_w.addmm_(dz_op.t(), hc)
+        else:
+            grad_w += mm_acc(dz_op.t(), hc, dt)
+
+
 class _ChunkedAtodLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_s, w_s, b_s, x: LossInputs, kind: str, sink: dict):
         hp = x.hp
-        rows_fn, row_buffers = _rows_fn(kind)
         dt = torch.float64 if (kind == "torch" and h_s.dtype == torch.float64) else torch.float32
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         write_grad = need_h or need_w or need_b
@@ -130,12 +174,19 @@ class _ChunkedAtodLoss(torch.autograd.Function):
             plogp = torch.where(pos, p_hat * lp_hat, torch.zeros_like(p_hat))
 
         hid = hdim + (0 if ht is None else ht.shape[1])
+        rows_fn, row_buffers = _rows_fn(kind, dt, dev, n_live * vocab)
         chunk = x.chunk_size or choose_chunk_size(n_live, vocab, hid, row_buffers=row_buffers, device=dev)
+        # Two [C, V] buffers reused by every chunk: on the CPU a fresh one per chunk costs a page fault per 4 KiB.
+        def buffer(head):
+            return torch.empty(min(chunk, n_live), vocab, dtype=dt, device=dev) if head.w.dtype == dt else None
+
+        zs_buf = buffer(student)
+        zt_buf = None if teacher is None else buffer(teacher)
         for s in range(0, n_live, chunk):
             e = min(s + chunk, n_live)
             hc = h_live[s:e]
-            zs = student.logits(hc)
-            zt = None if teacher is None else teacher.logits(ht[s:e])
+            zs = student.logits(hc, zs_buf)
+            zt = None if teacher is None else teacher.logits(ht[s:e], zt_buf)
             sp = None
             if x.teacher == "sparse":
                 z_id = zs.gather(1, ids[s:e]) * (1.0 / hp.temperature)
@@ -154,13 +205,8 @@ class _ChunkedAtodLoss(torch.autograd.Function):
                 dz.scatter_add_(1, ids[s:e], -(lam[s:e, None] * scale) * p_hat[s:e])
             if grad_b is not None:
                 grad_b += dz.sum(0)
-            # Half-precision heads on CUDA: one rounded copy of dz feeds both tensor-core matmuls.
-            dz_op = dz.to(student.w.dtype) if student.w.dtype in HALF else dz
-            if grad_h is not None:
-                grad_h[s:e] = mm_acc(dz_op, student.w, dt)
-            if grad_w is not None:
-                grad_w += mm_acc(dz_op.t(), hc, dt)
-            del zs, zt, dz, dz_op
+            _grad_matmuls(dz, hc, student.w, None if grad_h is None else grad_h[s:e], grad_w, dt)
+            del zs, zt, dz
 
         loss = out[0].sum() / denom
         ctx.save_for_backward(idx, grad_h, grad_w, grad_b)
@@ -178,7 +224,9 @@ class _ChunkedAtodLoss(torch.autograd.Function):
             gh = torch.zeros(h_shape, dtype=h_dt, device=g.device)
             gh.index_copy_(0, idx, (grad_h * g).to(h_dt))
         if grad_w is not None:
-            gw = torch.zeros(w_shape, dtype=w_dt, device=g.device)
+            # Rows past the used vocabulary get 0; the rest are written once (no zero fill first).
+            gw = torch.empty(w_shape, dtype=w_dt, device=g.device)
+            gw[grad_w.shape[0]:].zero_()
             scaled_copy(gw, grad_w, g)
         if grad_b is not None:
             gb = torch.zeros(b_meta[0], dtype=b_meta[1], device=g.device)

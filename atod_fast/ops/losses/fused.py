@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import torch
 
+from atod_fast.kernels.codes import OUT_FIELDS
+
 from .inputs import LossInputs
-from .rowwise import OUT_FIELDS, ppo_rows
+from .rowwise import ppo_rows
 
 
 def operands(weight, bias, hidden, vocab):

@@ -12,8 +12,6 @@ import math
 
 import torch
 
-OUT_FIELDS = ("loss", "logprobs", "entropy", "distill", "pg", "kl", "clipped")
-
 # Full-width [R, V] buffers alive at once below (zs, zt, log p_s, p_s, log p_t, p_t, log m).
 TORCH_ROW_BUFFERS = 7
 

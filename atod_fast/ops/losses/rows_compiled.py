@@ -1,0 +1,182 @@
+"""The per-chunk row math of the ``torch`` backend, written for ``torch.compile`` on the CPU.
+
+Same contract as :func:`rowwise.torch_rows` (per-row terms out, d(loss)/d(logits) written over
+``zs``). Eager PyTorch pays for every elementwise op with a pass over a [R, V] buffer and, on the
+CPU, a page fault per fresh 4 KiB of temporaries; compiled by Inductor, the whole function becomes
+a handful of vectorized loops per row (max, Σ exp, the divergence sums, the gradient) with no
+[R, V] temporaries, and the caller feeds it a few rows at a time so each row's passes hit the cache.
+
+Numerics against ``torch_rows``: p is ``exp(z − max) / Σ``, not ``exp(log_softmax)``; the JSD
+mixture is ``log((1 − β)p + βq)`` floored at the smallest normal float instead of ``logaddexp``
+of the log-probabilities (where both p and q underflow the floor, both weigh 0 in every sum).
+Float32 only; the eager function remains the path for float64 and the fallback.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from .rowwise import ppo_rows
+
+SUB_ROWS = int(os.environ.get("ATOD_FAST_SUB_ROWS", "8"))
+"""Rows per compiled call: a few rows of student and teacher logits (128 KiB each at V = 32k) stay
+in L2 across the 4–6 vocabulary passes of the compiled loops."""
+COMPILED_ROW_BUFFERS = 2
+"""[C, V] buffers per chunk row on this path: the student's and teacher's logits (p and E go over them)."""
+MIN_ELEMENTS = 1 << 21
+"""Below this many live logits per call the eager function wins (compilation costs seconds once)."""
+_log = logging.getLogger(__name__)
+
+
+def _softmax_parts(z):
+    """p, log p of the rows of z. [R, V] -> ([R, V], [R, V], [R, 1] log-sum-exp)"""
+    # p is exp(z − lse), not exp(z − max)/Σ: Inductor then recomputes it in each loop instead of
+    # realizing a [R, V] temporary (on the CPU every fresh one costs page faults).
+    mx = z.amax(-1, keepdim=True)
+    lse = mx + torch.log(torch.exp(z - mx).sum(-1, keepdim=True))
+    lp = z - lse
+    return torch.exp(lp), lp, lse
+
+
+def _divergence(p, lps, lse_s, zt, lam, sp, *, teacher, divergence, jsd_beta, inv_t, entropy_coef):
+    """D per row, and the gradient split as dz = p·a + E + c_lp·[target] (None: E = p·c_ent·log p only).
+    -> (distill [R], a_div [R] (λ·dD/dz's per-row part), E [R, V] or None)"""
+    col = lam[:, None]
+    c_ent = entropy_coef * lps
+    if teacher == "dense":
+        q, lpt, _ = _softmax_parts(zt * inv_t if inv_t != 1.0 else zt)
+        if divergence == "reverse_kl":  # λ p (log p − log q − D)
+            gap = lps - lpt
+            distill = (p * gap).sum(-1)
+            return distill, -lam * distill, p * (c_ent + col * gap)
+        if divergence == "forward_kl":  # λ (p − q)
+            distill = (q * (lpt - lps)).sum(-1)
+            return distill, lam, p * c_ent - col * q
+        # JSD: λ (1 − β) p (log p − log m − KL(p‖m)); both p and q below the floor weigh 0 in every sum.
+        logm = torch.log(((1.0 - jsd_beta) * p + jsd_beta * q).clamp_min(torch.finfo(p.dtype).tiny))
+        kl_tm = (q * (lpt - logm)).sum(-1)
+        gap = lps - logm
+        kl_sm = (p * gap).sum(-1)
+        w = lam * (1.0 - jsd_beta)
+        return jsd_beta * kl_tm + (1.0 - jsd_beta) * kl_sm, -w * kl_sm, p * (c_ent + w[:, None] * gap)
+    if teacher == "sparse":  # λ Σp̂ p − λ p̂ at the ids (the host scatters the second part)
+        distill = sp[:, 0] - sp[:, 1] + sp[:, 2] * lse_s.squeeze(1)
+        return distill, lam * sp[:, 2], p * c_ent
+    return torch.zeros_like(lse_s.squeeze(1)), torch.zeros_like(lam), p * c_ent
+
+
+def _stage_a(zs, zt, tgt, old, adv, lam, ref, sp, *, teacher, divergence, jsd_beta, temperature,
+             clip_eps_low, clip_eps_high, dual_clip, kl_coef, entropy_coef, write_grad):
+    """Every per-row term; with ``write_grad`` p goes over ``zs`` and E over ``zt`` (or a new buffer).
+    -> ([7, R] rows, [R] a: dz = p·a + E + c_lp·[target], [R] c_lp, E or None)"""
+    inv_t = 1.0 / temperature
+    z = zs * inv_t if temperature != 1.0 else zs
+    p, lps, lse_s = _softmax_parts(z)
+    ent = -(p * lps).sum(-1)
+    logprob = lps.gather(1, tgt[:, None]).squeeze(1)
+    distill, a_div, e = _divergence(p, lps, lse_s, zt, lam, sp, teacher=teacher, divergence=divergence,
+                                    jsd_beta=jsd_beta, inv_t=inv_t, entropy_coef=entropy_coef)
+    loss, pg, kl, clipped, c_lp = ppo_rows(
+        logprob, old, adv, lam, ref, distill, ent, clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high,
+        dual_clip=dual_clip, kl_coef=kl_coef, entropy_coef=entropy_coef)
+    out = torch.stack([loss, logprob, ent, distill, pg, kl, clipped.to(loss.dtype)])
+    if not write_grad:
+        return out, None, None, None
+    # Materialized once here, so the gradient pass below is arithmetic only (no exp or log again).
+    zs.copy_(p)
+    if zt is not None:
+        zt.copy_(e)
+        e = None
+    elif entropy_coef == 0.0:
+        e = None
+    return out, entropy_coef * ent - c_lp + a_div, c_lp, e
+
+
+def _stage_b(zs, e, tgt, a, c_lp, scale):
+    """dz = (p·a + E + c_lp·[target]) · scale over ``zs`` (which holds p)."""
+    onehot = torch.arange(zs.shape[1], device=zs.device)[None, :] == tgt[:, None]
+    dz = zs * a[:, None] + torch.where(onehot, c_lp[:, None], 0.0)
+    if e is not None:
+        dz = dz + e
+    zs.copy_(dz * scale)
+
+
+def _rows_math(zs, zt, tgt, old, adv, lam, ref, sp, scale, **hp):
+    """One sub-block: the two compiled stages (E lives in zt's buffer when there is one)."""
+    stage_a, stage_b = _compiled()
+    out, a, c_lp, e = stage_a(zs, zt, tgt, old, adv, lam, ref, sp, **hp)
+    if hp["write_grad"]:
+        stage_b(zs, zt if zt is not None else e, tgt, a, c_lp, scale)
+    return out
+
+
+@functools.cache
+def _compiled():
+    # Single-threaded loops, run side by side by a pool (see compiled_rows): no OpenMP barrier per loop.
+    opts = dict(dynamic=True, options={"cpp.threads": 1})
+    return torch.compile(_stage_a, **opts), torch.compile(_stage_b, **opts)
+
+
+@functools.cache
+def _pool(workers: int):
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="atod-rows")
+
+
+def compile_enabled() -> bool:
+    """``ATOD_FAST_COMPILE=0`` turns the compiled path off (e.g. where no C++ compiler is installed)."""
+    return os.environ.get("ATOD_FAST_COMPILE", "1") != "0"
+
+
+_failed: set = set()
+
+
+def _run_span(fn, i0, i1, zs, zt, tgt, old, adv, lam, ref, sp, scale, hp):
+    outs = []
+    for i in range(i0, i1, SUB_ROWS):
+        j = min(i + SUB_ROWS, i1)
+        outs.append(fn(zs[i:j], None if zt is None else zt[i:j], tgt[i:j], old[i:j], adv[i:j], lam[i:j],
+                       None if ref is None else ref[i:j], None if sp is None else sp[i:j], scale, **hp))
+    return outs
+
+
+def compiled_rows(zs, zt, tgt, old, adv, lam, ref, sparse_sums, scale, **hp):
+    """``torch_rows``' contract through the compiled function, ``SUB_ROWS`` rows per call.
+
+    The rows are split into one contiguous span per intra-op thread; each span runs its calls
+    on its own thread (the compiled loops are single-threaded and release the GIL), so the only
+    synchronisation is the join at the end. Returns None when compilation is unavailable or failed
+    for this configuration (the caller then runs the eager function); a failure is logged once.
+    """
+    key = (*sorted(hp.items()), ref is None, zt is None, sparse_sums is None)
+    if key in _failed:
+        return None
+    fn = _rows_math
+    r = zs.shape[0]
+    args = (zs, zt, tgt, old, adv, lam, ref, sparse_sums, scale, hp)
+    try:  # the first call compiles (or hits the cache) on this thread, before any worker starts
+        outs = _run_span(fn, 0, min(SUB_ROWS, r), *args)
+    except Exception as e:  # any compiler failure falls back to eager: correct, slower
+        _failed.add(key)
+        _log.warning("torch.compile of the loss rows failed (%s: %s); using eager PyTorch",
+                     type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+        return None
+    start = min(SUB_ROWS, r)
+    workers = max(1, min(torch.get_num_threads(), -(-(r - start) // SUB_ROWS)))
+    bounds = [start + (r - start) * k // workers for k in range(workers + 1)]
+    if workers == 1:
+        outs += _run_span(fn, start, r, *args)
+    else:
+        futs = [_pool(workers).submit(_run_span, fn, bounds[k], bounds[k + 1], *args) for k in range(workers)]
+        for f in futs:
+            outs += f.result()
+    return torch.cat(outs, dim=1)
+
+
+def use_compiled(device: torch.device, dtype: torch.dtype, elements: int) -> bool:
+    """Whether the rows go through the compiled function: float32 on the CPU, large enough to pay."""
+    return device.type == "cpu" and dtype == torch.float32 and elements >= MIN_ELEMENTS and compile_enabled()
