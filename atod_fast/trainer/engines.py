@@ -5,7 +5,9 @@ is told after every update to take the student's new weights (``sync()``). Both 
 :func:`~atod_fast.trainer.rollout.play` (environments, chat format, bookkeeping); they differ
 in who generates:
 
-- :class:`HfRolloutEngine` (``hf``): the student's own ``generate`` (synced over ranks under ZeRO-3);
+- :class:`HfRolloutEngine` (``hf``): the student itself, through a KV cache kept across the turns
+  (:class:`~atod_fast.trainer.decoding.KvCacheSampler`), or its own ``generate`` where that does not
+  apply (synced over ranks under ZeRO-3, architectures other than plain full attention);
 - :class:`VllmRolloutEngine` (``vllm``): a colocated vLLM engine that receives the student's weights.
 
 Reproducibility: the episodes' seeds and the sampling seeds are derived from (seed, step, rank).
@@ -19,6 +21,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from .config import BUILTIN, TrainConfig
+from .decoding import KvCacheSampler, supports_kv_reuse
 from .distributed import Dist
 from .grpo import group_env_seeds, sample_keys
 from .rollout import ChatFormat, Trajectory, play, stop_token_ids
@@ -45,7 +48,9 @@ class HfRolloutEngine:
         self.fmt = ChatFormat(tokenizer, stop_token_ids(lm, tokenizer), cfg.model.chat_template)
 
     def _generate(self, step: int):
-        return None
+        if self.engine.zero3 or not supports_kv_reuse(self.lm):
+            return None  # lm.generate
+        return KvCacheSampler(self.lm, pad=self.tokenizer.pad_token_id, device=self.device)
 
     def rollout(self, step: int) -> list[Trajectory]:
         cfg, d = self.cfg, self.dist

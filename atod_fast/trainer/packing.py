@@ -5,7 +5,8 @@ per-sequence ``position_ids`` (flash-attn's varlen layout), they go through a Hu
 model with no padding at all: transformers derives the sequence boundaries from the
 position ids, for flash-attention 2 (varlen kernels) and for SDPA/eager (a block-diagonal
 mask). Packing pays off with flash-attention; with SDPA the block-diagonal mask costs
-O(T²) memory, so ``mode="auto"`` packs only for flash-attention and pads otherwise.
+O(T²) memory, so ``mode="auto"`` packs only for flash-attention and pads otherwise (right
+padding under the causal mask alone: no padding mask is needed).
 
 Both modes return the hidden states in the packed layout ``[T, H]`` (T = Σ lengths), so
 callers never see which one ran.
@@ -85,10 +86,11 @@ def last_hidden_states(backbone, packed: Packed, *, mode: str = "auto") -> torch
         return out.last_hidden_state[0]
     b, lmax = len(packed.lengths), packed.max_seqlen
     ids = packed.input_ids.new_zeros(b, lmax)
-    attn = torch.zeros(b, lmax, dtype=torch.long, device=ids.device)
     rows = torch.repeat_interleave(torch.arange(b, device=ids.device), torch.tensor(packed.lengths, device=ids.device))
     cols = packed.position_ids
     ids[rows, cols] = packed.input_ids
-    attn[rows, cols] = 1
-    out = backbone(input_ids=ids, attention_mask=attn, use_cache=False)
+    # Right padding needs no padding mask: under the causal mask a real token only sees the tokens before it, all
+    # real. Without a mask tensor, attention runs its causal kernels (no [B, 1, L, L] mask to build and read),
+    # much faster on the CPU; the padding rows' outputs are garbage and never read.
+    out = backbone(input_ids=ids, use_cache=False)
     return out.last_hidden_state[rows, cols]

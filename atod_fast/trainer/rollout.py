@@ -2,11 +2,12 @@
 
 One token sequence per episode: the chat-formatted first observation, then for each turn
 the agent's tokens exactly as sampled (never re-tokenized) followed by the chat-formatted
-next observation. Each turn is one batched ``generate`` call (KV cache within the turn) over
-the episodes still running. Per episode we record the tokens, which ones the agent produced
-(``action_mask``), the turn index of every token, the reward of every turn and how the
-episode ended (the trainer recomputes the sampled tokens' log-probs in one pass over the
-packed episodes, so generation keeps no logits):
+next observation. Each turn is one batched call of the engine's sampler over the episodes still
+running (the hf engine's: :class:`~atod_fast.trainer.decoding.KvCacheSampler`, whose KV cache
+outlives the turn, or ``lm.generate``, whose cache does not). Per episode we record the
+tokens, which ones the agent produced (``action_mask``), the turn index of every token, the
+reward of every turn and how the episode ended (the trainer recomputes the sampled tokens'
+log-probs in one pass over the packed episodes, so generation keeps no logits):
 
 - ``done``: the environment ended it (terminal, no bootstrap);
 - ``turn_limit`` / ``token_budget``: truncated by the rollout limits (GAE bootstraps);

@@ -50,64 +50,77 @@ def turn_rewards_to_tokens(
     out = torch.zeros(T, dtype=torch.float64, device=dev)
     pos = torch.nonzero(m).flatten()
     traj = torch.searchsorted(cu[1:], pos, right=True)
+    if turn_rewards is not None:
+        _place_turn_rewards(out, turn_rewards, turn_ids, pos, traj, B, T)
+    if final_scores is not None:
+        _place_final_scores(out, final_scores, pos, traj, B)
+    return _back(out.float(), kind)
+
+
+def _turn_of_action_tokens(pos, traj, turn_ids, B: int, T: int) -> torch.Tensor:
+    """Turn index of every action token: from ``turn_ids``, else the rank of its run of adjacent action tokens."""
+    dev = pos.device
+    if turn_ids is not None:
+        ti, _ = _per_token_int("turn_ids", turn_ids, T)
+        turn = ti.to(dev)[pos]
+        if turn.numel() and int(turn.min()) < 0:
+            raise ValueError("turn_ids must be ≥ 0 on action tokens")
+        return turn
+    starts = torch.ones_like(pos, dtype=torch.bool)
+    if pos.numel() > 1:  # a new run where the previous action token is not adjacent or in another trajectory
+        starts[1:] = (pos[1:] != pos[:-1] + 1) | (traj[1:] != traj[:-1])
+    run = torch.cumsum(starts.long(), 0) - 1
+    first_run = torch.zeros(B, dtype=torch.long, device=dev)
+    first_run.scatter_reduce_(0, traj, run, reduce="amin", include_self=False)
+    return run - first_run[traj]
+
+
+def _place_turn_rewards(out, turn_rewards, turn_ids, pos, traj, B: int, T: int) -> None:
+    dev = out.device
+    tr, _ = _to_torch("turn_rewards", turn_rewards)
+    if tr.dim() != 2 or tr.shape[0] != B:
+        raise ValueError(f"turn_rewards must be 2-D [B, K] with B = {B}, got shape {tuple(tr.shape)}")
+    tr = tr.to(device=dev, dtype=torch.float64)
+    if not torch.isfinite(tr).all():
+        raise ValueError("turn_rewards must be finite")
+    K = tr.shape[1]
+    turn = _turn_of_action_tokens(pos, traj, turn_ids, B, T)
+    n_turns = torch.zeros(B, dtype=torch.long, device=dev)
+    if pos.numel():
+        n_turns.scatter_reduce_(0, traj, turn + 1, reduce="amax", include_self=True)
+    lost = (tr != 0) & (torch.arange(K, device=dev)[None, :] >= n_turns[:, None])
+    if lost.any():
+        b, k = (int(i) for i in torch.nonzero(lost)[0])
+        raise ValueError(f"turn_rewards[{b}, {k}] = {float(tr[b, k])} but trajectory {b} has "
+                         f"{int(n_turns[b])} turn(s) with action tokens; the reward would be lost")
+    key = traj * max(K, 1) + turn
+    ok = turn < K
+    last_pos = torch.full((B * max(K, 1),), -1, dtype=torch.long, device=dev)
+    last_pos.scatter_reduce_(0, key[ok], pos[ok], reduce="amax", include_self=True)
+    flat = tr.reshape(-1)
+    has = last_pos >= 0
+    out.index_add_(0, last_pos[has], flat[has])
+
+
+def _place_final_scores(out, final_scores, pos, traj, B: int) -> None:
+    dev = out.device
+    fs, _ = _to_torch("final_scores", final_scores)
+    if fs.dim() != 1 or fs.shape[0] != B:
+        raise ValueError(f"final_scores must be 1-D [B] with B = {B}, got shape {tuple(fs.shape)}")
+    fs = fs.to(device=dev, dtype=torch.float64)
+    if not torch.isfinite(fs).all():
+        raise ValueError("final_scores must be finite")
+    has_action = torch.zeros(B, dtype=torch.bool, device=dev)
+    has_action[traj] = True
+    lost = (fs != 0) & ~has_action
+    if lost.any():
+        b = int(torch.nonzero(lost)[0])
+        raise ValueError(f"final_scores[{b}] = {float(fs[b])} but trajectory {b} has no action token; "
+                         "the score would be lost")
     is_last = torch.ones_like(pos, dtype=torch.bool)
     if pos.numel() > 1:
         is_last[:-1] = traj[1:] != traj[:-1]
-
-    if turn_rewards is not None:
-        tr, _ = _to_torch("turn_rewards", turn_rewards)
-        if tr.dim() != 2 or tr.shape[0] != B:
-            raise ValueError(f"turn_rewards must be 2-D [B, K] with B = {B}, got shape {tuple(tr.shape)}")
-        tr = tr.to(device=dev, dtype=torch.float64)
-        if not torch.isfinite(tr).all():
-            raise ValueError("turn_rewards must be finite")
-        K = tr.shape[1]
-        if turn_ids is None:
-            starts = torch.ones_like(pos, dtype=torch.bool)
-            if pos.numel() > 1:  # a new run where the previous action token is not adjacent or in another trajectory
-                starts[1:] = (pos[1:] != pos[:-1] + 1) | (traj[1:] != traj[:-1])
-            run = torch.cumsum(starts.long(), 0) - 1
-            first_run = torch.zeros(B, dtype=torch.long, device=dev)
-            first_run.scatter_reduce_(0, traj, run, reduce="amin", include_self=False)
-            turn = run - first_run[traj]
-        else:
-            ti, _ = _per_token_int("turn_ids", turn_ids, T)
-            turn = ti.to(dev)[pos]
-            if turn.numel() and int(turn.min()) < 0:
-                raise ValueError("turn_ids must be ≥ 0 on action tokens")
-        n_turns = torch.zeros(B, dtype=torch.long, device=dev)
-        if pos.numel():
-            n_turns.scatter_reduce_(0, traj, turn + 1, reduce="amax", include_self=True)
-        lost = (tr != 0) & (torch.arange(K, device=dev)[None, :] >= n_turns[:, None])
-        if lost.any():
-            b, k = (int(i) for i in torch.nonzero(lost)[0])
-            raise ValueError(f"turn_rewards[{b}, {k}] = {float(tr[b, k])} but trajectory {b} has "
-                             f"{int(n_turns[b])} turn(s) with action tokens; the reward would be lost")
-        key = traj * max(K, 1) + turn
-        ok = turn < K
-        last_pos = torch.full((B * max(K, 1),), -1, dtype=torch.long, device=dev)
-        last_pos.scatter_reduce_(0, key[ok], pos[ok], reduce="amax", include_self=True)
-        flat = tr.reshape(-1)
-        has = last_pos >= 0
-        out.index_add_(0, last_pos[has], flat[has])
-
-    if final_scores is not None:
-        fs, _ = _to_torch("final_scores", final_scores)
-        if fs.dim() != 1 or fs.shape[0] != B:
-            raise ValueError(f"final_scores must be 1-D [B] with B = {B}, got shape {tuple(fs.shape)}")
-        fs = fs.to(device=dev, dtype=torch.float64)
-        if not torch.isfinite(fs).all():
-            raise ValueError("final_scores must be finite")
-        has_action = torch.zeros(B, dtype=torch.bool, device=dev)
-        has_action[traj] = True
-        lost = (fs != 0) & ~has_action
-        if lost.any():
-            b = int(torch.nonzero(lost)[0])
-            raise ValueError(f"final_scores[{b}] = {float(fs[b])} but trajectory {b} has no action token; "
-                             "the score would be lost")
-        out.index_add_(0, pos[is_last], fs[traj[is_last]])
-
-    return _back(out.float(), kind)
+    out.index_add_(0, pos[is_last], fs[traj[is_last]])
 
 
 def _per_token_int(name, x, T):

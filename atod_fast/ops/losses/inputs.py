@@ -103,9 +103,31 @@ def validate(
     kl_coef, entropy_coef, normalizer, vocab_size, chunk_size,
 ) -> LossInputs:
     """Check every argument of ``atod_loss`` and return them normalized."""
+    h, w, v_student = _check_student(student_hidden, student_weight, student_bias)
+    n = h.shape[0]
+    target_ids, loss_mask = _check_rows(n, target_ids, old_logprobs, advantages, lam, loss_mask, ref_logprobs)
+    hp = _check_hyper(divergence=divergence, jsd_beta=jsd_beta, temperature=temperature, clip_eps_low=clip_eps_low,
+                      clip_eps_high=clip_eps_high, dual_clip=dual_clip, kl_coef=kl_coef, entropy_coef=entropy_coef)
+    _check_chunk_size(chunk_size)
+    normalizer = _check_normalizer(normalizer)
+    teacher, v_teacher = _check_teacher(n, divergence, teacher_hidden, teacher_weight, teacher_bias,
+                                        teacher_topk_ids, teacher_topk_logprobs)
+    vocab = _resolve_vocab(vocab_size, v_student, v_teacher)
+    _check_live_values(n, loss_mask, target_ids, lam, teacher_topk_ids if teacher == "sparse" else None, vocab)
+    return LossInputs(
+        student_hidden=h, student_weight=w, student_bias=student_bias, target_ids=target_ids.long(),
+        old_logprobs=old_logprobs, advantages=advantages, lam=lam, loss_mask=loss_mask,
+        teacher=teacher, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, teacher_bias=teacher_bias,
+        teacher_topk_ids=None if teacher_topk_ids is None else teacher_topk_ids.long(),
+        teacher_topk_logprobs=teacher_topk_logprobs, ref_logprobs=ref_logprobs, normalizer=normalizer,
+        vocab=vocab, hp=hp, chunk_size=chunk_size,
+    )
+
+
+def _check_student(student_hidden, student_weight, student_bias):
     h = _tensor("student_hidden", student_hidden, 2, floating=True)
     w = _tensor("student_weight", student_weight, 2, floating=True)
-    n, hdim = h.shape
+    hdim = h.shape[1]
     if w.shape[1] != hdim:
         raise ValueError(f"student_weight has H={w.shape[1]} columns but student_hidden has H={hdim}")
     if w.device != h.device:
@@ -115,7 +137,11 @@ def validate(
         _tensor("student_bias", student_bias, 1, floating=True)
         if student_bias.shape[0] != v_student:
             raise ValueError(f"student_bias has {student_bias.shape[0]} entries, student_weight has V={v_student}")
+    return h, w, v_student
 
+
+def _check_rows(n, target_ids, old_logprobs, advantages, lam, loss_mask, ref_logprobs):
+    """The per-row inputs: one entry per row of student_hidden."""
     target_ids = _tensor("target_ids", target_ids, 1)
     if target_ids.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"target_ids must be an integer tensor (int64), got dtype {target_ids.dtype}")
@@ -130,8 +156,11 @@ def validate(
     if ref_logprobs is not None:
         _tensor("ref_logprobs", ref_logprobs, 1, floating=True)
         _rows("ref_logprobs", ref_logprobs, n)
+    return target_ids, loss_mask
 
-    # --- hyperparameters
+
+def _check_hyper(*, divergence, jsd_beta, temperature, clip_eps_low, clip_eps_high, dual_clip, kl_coef,
+                 entropy_coef) -> Hyper:
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {list(DIVERGENCES)}, got {divergence!r}")
     jsd_beta = _number("jsd_beta", jsd_beta, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
@@ -142,95 +171,106 @@ def validate(
         dual_clip = _number("dual_clip", dual_clip, lo=1.0, lo_open=True)
     kl_coef = _number("kl_coef", kl_coef, lo=0.0)
     entropy_coef = _number("entropy_coef", entropy_coef)
+    return Hyper(divergence=divergence, jsd_beta=jsd_beta, temperature=temperature, clip_eps_low=clip_eps_low,
+                 clip_eps_high=clip_eps_high, dual_clip=dual_clip, kl_coef=kl_coef, entropy_coef=entropy_coef)
+
+
+def _check_chunk_size(chunk_size) -> None:
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    if normalizer is not None:
-        if isinstance(normalizer, torch.Tensor):
-            if normalizer.numel() != 1:
-                raise ValueError(f"normalizer must be a scalar, got shape {tuple(normalizer.shape)}")
-            if not bool(normalizer.detach() > 0):
-                raise ValueError(f"normalizer must be > 0, got {normalizer.item()}")
-        else:
-            normalizer = _number("normalizer", normalizer, lo=0.0, lo_open=True)
 
-    # --- teacher
+
+def _check_normalizer(normalizer):
+    if normalizer is None:
+        return None
+    if isinstance(normalizer, torch.Tensor):
+        if normalizer.numel() != 1:
+            raise ValueError(f"normalizer must be a scalar, got shape {tuple(normalizer.shape)}")
+        if not bool(normalizer.detach() > 0):
+            raise ValueError(f"normalizer must be > 0, got {normalizer.item()}")
+        return normalizer
+    return _number("normalizer", normalizer, lo=0.0, lo_open=True)
+
+
+def _check_teacher(n, divergence, teacher_hidden, teacher_weight, teacher_bias, teacher_topk_ids,
+                   teacher_topk_logprobs) -> tuple[str, int | None]:
+    """``(kind, Vt)``: kind "dense", "sparse" or "none"; Vt the dense teacher head's rows."""
     dense = teacher_hidden is not None or teacher_weight is not None or teacher_bias is not None
     sparse = teacher_topk_ids is not None or teacher_topk_logprobs is not None
     if dense and sparse:
         raise ValueError("pass either a dense teacher (teacher_hidden, teacher_weight) or a sparse one "
                          "(teacher_topk_ids, teacher_topk_logprobs), not both")
-    teacher = "dense" if dense else "sparse" if sparse else "none"
-    v_teacher = None
     if dense:
-        if teacher_hidden is None or teacher_weight is None:
-            raise ValueError("a dense teacher needs both teacher_hidden [N, Ht] and teacher_weight [Vt, Ht]")
-        _tensor("teacher_hidden", teacher_hidden, 2, floating=True)
-        _tensor("teacher_weight", teacher_weight, 2, floating=True)
-        _rows("teacher_hidden", teacher_hidden, n)
-        if teacher_weight.shape[1] != teacher_hidden.shape[1]:
-            raise ValueError(f"teacher_weight has Ht={teacher_weight.shape[1]} columns but teacher_hidden "
-                             f"has Ht={teacher_hidden.shape[1]}")
-        v_teacher = teacher_weight.shape[0]
-        if teacher_bias is not None:
-            _tensor("teacher_bias", teacher_bias, 1, floating=True)
-            if teacher_bias.shape[0] != v_teacher:
-                raise ValueError(f"teacher_bias has {teacher_bias.shape[0]} entries, teacher_weight has Vt={v_teacher}")
+        return "dense", _check_dense_teacher(n, teacher_hidden, teacher_weight, teacher_bias)
     if sparse:
-        if teacher_topk_ids is None or teacher_topk_logprobs is None:
-            raise ValueError("a sparse teacher needs both teacher_topk_ids [N, K] and teacher_topk_logprobs [N, K]")
-        _tensor("teacher_topk_ids", teacher_topk_ids, 2)
-        if teacher_topk_ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"teacher_topk_ids must be an integer tensor, got dtype {teacher_topk_ids.dtype}")
-        _tensor("teacher_topk_logprobs", teacher_topk_logprobs, 2, floating=True)
-        _rows("teacher_topk_ids", teacher_topk_ids, n)
-        _rows("teacher_topk_logprobs", teacher_topk_logprobs, n)
-        if teacher_topk_ids.shape[1] != teacher_topk_logprobs.shape[1]:
-            raise ValueError(f"K mismatch: teacher_topk_ids has K={teacher_topk_ids.shape[1]} but "
-                             f"teacher_topk_logprobs has K={teacher_topk_logprobs.shape[1]}")
-        if teacher_topk_ids.shape[1] < 1:
-            raise ValueError("teacher_topk_ids must have K >= 1 columns")
-        if divergence != "forward_kl":
-            raise ValueError(f"a sparse (top-k) teacher supports divergence='forward_kl' only, got {divergence!r}")
+        _check_sparse_teacher(n, divergence, teacher_topk_ids, teacher_topk_logprobs)
+        return "sparse", None
+    return "none", None
 
-    # --- vocabulary
-    if vocab_size is not None:
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
-            raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
-        if vocab_size > v_student:
-            raise ValueError(f"vocab_size={vocab_size} exceeds the student head's V={v_student} rows")
-        if v_teacher is not None and vocab_size > v_teacher:
-            raise ValueError(f"vocab_size={vocab_size} exceeds the teacher head's Vt={v_teacher} rows")
-        vocab = vocab_size
-    else:
+
+def _check_dense_teacher(n, teacher_hidden, teacher_weight, teacher_bias) -> int:
+    if teacher_hidden is None or teacher_weight is None:
+        raise ValueError("a dense teacher needs both teacher_hidden [N, Ht] and teacher_weight [Vt, Ht]")
+    _tensor("teacher_hidden", teacher_hidden, 2, floating=True)
+    _tensor("teacher_weight", teacher_weight, 2, floating=True)
+    _rows("teacher_hidden", teacher_hidden, n)
+    if teacher_weight.shape[1] != teacher_hidden.shape[1]:
+        raise ValueError(f"teacher_weight has Ht={teacher_weight.shape[1]} columns but teacher_hidden "
+                         f"has Ht={teacher_hidden.shape[1]}")
+    v_teacher = teacher_weight.shape[0]
+    if teacher_bias is not None:
+        _tensor("teacher_bias", teacher_bias, 1, floating=True)
+        if teacher_bias.shape[0] != v_teacher:
+            raise ValueError(f"teacher_bias has {teacher_bias.shape[0]} entries, teacher_weight has Vt={v_teacher}")
+    return v_teacher
+
+
+def _check_sparse_teacher(n, divergence, teacher_topk_ids, teacher_topk_logprobs) -> None:
+    if teacher_topk_ids is None or teacher_topk_logprobs is None:
+        raise ValueError("a sparse teacher needs both teacher_topk_ids [N, K] and teacher_topk_logprobs [N, K]")
+    _tensor("teacher_topk_ids", teacher_topk_ids, 2)
+    if teacher_topk_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"teacher_topk_ids must be an integer tensor, got dtype {teacher_topk_ids.dtype}")
+    _tensor("teacher_topk_logprobs", teacher_topk_logprobs, 2, floating=True)
+    _rows("teacher_topk_ids", teacher_topk_ids, n)
+    _rows("teacher_topk_logprobs", teacher_topk_logprobs, n)
+    if teacher_topk_ids.shape[1] != teacher_topk_logprobs.shape[1]:
+        raise ValueError(f"K mismatch: teacher_topk_ids has K={teacher_topk_ids.shape[1]} but "
+                         f"teacher_topk_logprobs has K={teacher_topk_logprobs.shape[1]}")
+    if teacher_topk_ids.shape[1] < 1:
+        raise ValueError("teacher_topk_ids must have K >= 1 columns")
+    if divergence != "forward_kl":
+        raise ValueError(f"a sparse (top-k) teacher supports divergence='forward_kl' only, got {divergence!r}")
+
+
+def _resolve_vocab(vocab_size, v_student: int, v_teacher: int | None) -> int:
+    if vocab_size is None:
         if v_teacher is not None and v_teacher != v_student:
             raise ValueError(f"student head has V={v_student} rows but teacher head has Vt={v_teacher}; "
                              "pass vocab_size=n to use the first n rows of both")
-        vocab = v_student
+        return v_student
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
+    if vocab_size > v_student:
+        raise ValueError(f"vocab_size={vocab_size} exceeds the student head's V={v_student} rows")
+    if v_teacher is not None and vocab_size > v_teacher:
+        raise ValueError(f"vocab_size={vocab_size} exceeds the teacher head's Vt={v_teacher} rows")
+    return vocab_size
 
-    # --- values on live rows
-    live = loss_mask
-    if n > 0 and bool(live.any()):
-        t = target_ids[live]
-        if bool(((t < 0) | (t >= vocab)).any()):
-            bad = int(t[(t < 0) | (t >= vocab)][0])
-            raise ValueError(f"target_ids must be in [0, {vocab}) on rows where loss_mask is True, found {bad}")
-        lv = lam[live]
-        if not bool(((lv >= 0) & (lv <= 1)).all()):
-            bad = float(lv[~((lv >= 0) & (lv <= 1))][0])
-            raise ValueError(f"lam must be in [0, 1] on rows where loss_mask is True, found {bad}")
-        if sparse:
-            k_ids = teacher_topk_ids[live]
-            if bool(((k_ids < 0) | (k_ids >= vocab)).any()):
-                raise ValueError(f"teacher_topk_ids must be in [0, {vocab}) on rows where loss_mask is True")
 
-    return LossInputs(
-        student_hidden=h, student_weight=w, student_bias=student_bias, target_ids=target_ids.long(),
-        old_logprobs=old_logprobs, advantages=advantages, lam=lam, loss_mask=loss_mask,
-        teacher=teacher, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, teacher_bias=teacher_bias,
-        teacher_topk_ids=None if teacher_topk_ids is None else teacher_topk_ids.long(),
-        teacher_topk_logprobs=teacher_topk_logprobs, ref_logprobs=ref_logprobs, normalizer=normalizer,
-        vocab=vocab,
-        hp=Hyper(divergence=divergence, jsd_beta=jsd_beta, temperature=temperature, clip_eps_low=clip_eps_low,
-                 clip_eps_high=clip_eps_high, dual_clip=dual_clip, kl_coef=kl_coef, entropy_coef=entropy_coef),
-        chunk_size=chunk_size,
-    )
+def _check_live_values(n, live, target_ids, lam, teacher_topk_ids, vocab: int) -> None:
+    """Values that matter only on rows the loss reads (padding rows may hold anything)."""
+    if n == 0 or not bool(live.any()):
+        return
+    t = target_ids[live]
+    if bool(((t < 0) | (t >= vocab)).any()):
+        bad = int(t[(t < 0) | (t >= vocab)][0])
+        raise ValueError(f"target_ids must be in [0, {vocab}) on rows where loss_mask is True, found {bad}")
+    lv = lam[live]
+    if not bool(((lv >= 0) & (lv <= 1)).all()):
+        bad = float(lv[~((lv >= 0) & (lv <= 1))][0])
+        raise ValueError(f"lam must be in [0, 1] on rows where loss_mask is True, found {bad}")
+    if teacher_topk_ids is not None:
+        k_ids = teacher_topk_ids[live]
+        if bool(((k_ids < 0) | (k_ids >= vocab)).any()):
+            raise ValueError(f"teacher_topk_ids must be in [0, {vocab}) on rows where loss_mask is True")
