@@ -216,3 +216,20 @@ def test_deepspeed_config_follows_ours():
     assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 0
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert ds["bf16"]["enabled"] is False and ds["gradient_clipping"] == 1.0 and ds["train_batch_size"] == 2
+
+
+def test_grpo_with_groups_across_ranks_trains(env, tmp_path):
+    """ppo.advantage=grpo with groups of 3 over 6 episodes under DDP: each group spans both ranks (rank r plays
+    episodes r, r + 2, ...), so the advantages gather every rank's returns (the arithmetic is checked against one
+    process in test_grpo.py); the run trains, one log, no value loss."""
+    import math
+
+    from atod_fast.trainer.metrics import read_metrics
+
+    run = tmp_path / "run"
+    torchrun(env, tmp_path, 2, "cli", str(tmp_path), "--", "train", "--max-steps", "2", *TINY, "ppo.advantage=grpo",
+             "rollout.group_size=3", "schedule.handover=fixed", "eval.at_end=false", "distributed.engine=ddp",
+             "--output-dir", str(run))
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["value_loss"] == 0 and math.isfinite(r["loss"]) and r["skipped_updates"] == 0 for r in rows)

@@ -229,7 +229,8 @@ def test_prepare_places_rewards_and_lambda_per_turn(teacher_path):
     from atod_fast.trainer.loop import Trainer
 
     cfg = load_train_config(None, [*TINY, "ppo.gamma=1.0", "ppo.gae_lambda=1.0", "ppo.whiten_advantages=false",
-                                   "rollout.episodes_per_step=8", "rollout.max_turns=3"])
+                                   "rollout.episodes_per_step=8", "rollout.max_turns=3",
+                                   "schedule.handover=fixed"])
     tr = Trainer(cfg)
     tr.setup(progress=False)
     trajs = tr.rollout(1)

@@ -10,7 +10,8 @@ start) and ``batch.trajectory_of_rows()`` to broadcast per-episode numbers to ro
 Whitening (``ppo.whiten_advantages``) is over the global batch: with several ranks the
 statistics are summed over all of them (:func:`whiten`).
 
-:class:`GaeEstimator` is GAE with the value head over the packed trajectories.
+:class:`GaeEstimator` is GAE with the value head over the packed trajectories;
+:class:`~atod_fast.trainer.grpo.GrpoEstimator` (``ppo.advantage=grpo``) needs no values.
 """
 
 from __future__ import annotations
@@ -76,3 +77,14 @@ class GaeEstimator:
                                bootstrap_values=boot)
         adv, ret = adv[act_rows].to(batch.device), ret[act_rows].to(batch.device)
         return (whiten(adv, self.dist) if self.whiten else adv), ret
+
+
+def make_estimator(cfg, dist: Dist) -> AdvantageEstimator:
+    """The estimator ``ppo.advantage`` names: ``gae`` (:class:`GaeEstimator`) or ``grpo`` (critic-free,
+    :class:`~atod_fast.trainer.grpo.GrpoEstimator` over groups of ``rollout.group_size`` episodes)."""
+    if cfg.ppo.advantage == "grpo":
+        from .grpo import GrpoEstimator
+
+        return GrpoEstimator(cfg.group_size, cfg.rollout.episodes_per_step, dist)
+    return GaeEstimator(gamma=cfg.ppo.gamma, lam=cfg.ppo.gae_lambda, whiten_advantages=cfg.ppo.whiten_advantages,
+                        dist=dist)

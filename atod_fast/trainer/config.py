@@ -211,6 +211,9 @@ class RolloutConfig:
     vllm package; the student's weights are synced into it after every update)."""
     vllm_gpu_memory_utilization: float = 0.3
     """Fraction of GPU memory vLLM may take for weights and KV cache (rollout.engine=vllm)."""
+    group_size: int | None = None
+    """Episodes that share an environment seed (consecutive episodes of a step, a group); episodes_per_step must
+    be a multiple of it. null: 1 under ppo.advantage=gae, 8 under grpo (whose baseline is the group's mean)."""
 
     def __post_init__(self):
         _need(self.engine in ("hf", "vllm"), "rollout.engine", "hf or vllm", self.engine)
@@ -219,10 +222,16 @@ class RolloutConfig:
         for f in ("episodes_per_step", "max_new_tokens", "max_episode_tokens"):
             _need(_int(getattr(self, f)) and getattr(self, f) >= 1, f"rollout.{f}", "an integer >= 1",
                   getattr(self, f))
+        _need(self.group_size is None or (_int(self.group_size) and self.group_size >= 1), "rollout.group_size",
+              "null or an integer >= 1", self.group_size)
         _need(self.max_turns is None or (_int(self.max_turns) and self.max_turns >= 1), "rollout.max_turns",
               "null or an integer >= 1", self.max_turns)
         _need(_num(self.temperature) and self.temperature > 0, "rollout.temperature", "a number > 0",
               self.temperature)
+
+
+ANNEAL_STEPS = 60
+"""Default length of the anneal after the hand-over gate (schedule.anneal_steps)."""
 
 
 @dataclass(kw_only=True)
@@ -231,8 +240,23 @@ class ScheduleConfig:
 
     mode: str = "atod"
     """atod (annealed in step and turn), opd (λ ≡ 1, distillation only) or rl (λ ≡ 0, PPO only)."""
+    handover: str = "auto"
+    """mode=atod only. auto: λ holds at lambda_max until the student has caught up with its teacher on training
+    episodes (the gate_* keys), then anneals over anneal_steps (docs/handover.md); fixed: λ anneals from step 0
+    over total_steps. A served teacher (model.teacher_server) cannot play episodes for the gate's bar: there the
+    run is fixed (a warning says so)."""
     total_steps: int | None = None
-    """Steps over which λ anneals in time; null: max_steps."""
+    """handover=fixed: steps over which λ anneals in time; null: max_steps."""
+    anneal_steps: int | None = ANNEAL_STEPS
+    """handover=auto: steps over which λ anneals after the gate (and the value warm-up); null: the rest of the run."""
+    gate_window: int = 10
+    """handover=auto: the gate looks at the mean of the last this many steps."""
+    gate_ratio: float = 0.9
+    """handover=auto: open the gate when the student's training success (window mean) is >= this × the teacher's
+    success on training-distribution episodes (measured once, cached beside the teacher)."""
+    gate_divergence: float | None = None
+    """handover=auto: also open the gate when the mean distillation divergence (window mean of the step's masked
+    per-token mean) is below this; null: success alone."""
     turn_horizon: int | None = None
     """Turns over which λ anneals in the turn index; null: the rollout's turn limit."""
     lambda_max: float = 0.9
@@ -246,6 +270,23 @@ class ScheduleConfig:
 
     def __post_init__(self):
         _need(self.mode in ("atod", "opd", "rl"), "schedule.mode", "one of atod, opd, rl", self.mode)
+        _need(self.handover in ("auto", "fixed"), "schedule.handover", "auto or fixed", self.handover)
+        if self.mode == "atod":  # each anneal length belongs to one hand-over
+            _need(self.handover == "fixed" or self.total_steps is None, "schedule.total_steps",
+                  "null under schedule.handover=auto (the anneal after the gate lasts schedule.anneal_steps)",
+                  self.total_steps)
+            _need(self.handover == "auto" or self.anneal_steps == ANNEAL_STEPS, "schedule.anneal_steps",
+                  "its default under schedule.handover=fixed (the anneal lasts schedule.total_steps)",
+                  self.anneal_steps)
+        for f in ("anneal_steps",):
+            v = getattr(self, f)
+            _need(v is None or (_int(v) and v >= 1), f"schedule.{f}", "null or an integer >= 1", v)
+        _need(_int(self.gate_window) and self.gate_window >= 1, "schedule.gate_window", "an integer >= 1",
+              self.gate_window)
+        _need(_num(self.gate_ratio) and self.gate_ratio >= 0, "schedule.gate_ratio", "a number >= 0",
+              self.gate_ratio)
+        _need(self.gate_divergence is None or (_num(self.gate_divergence) and self.gate_divergence > 0),
+              "schedule.gate_divergence", "null or a number > 0", self.gate_divergence)
         for f in ("total_steps", "turn_horizon"):
             v = getattr(self, f)
             _need(v is None or (_int(v) and v >= 1), f"schedule.{f}", "null or an integer >= 1", v)
@@ -306,7 +347,13 @@ class PPOConfig:
     value_clip: float | None = 0.2
     """Clip range of the value update around the rollout values (null: unclipped)."""
     whiten_advantages: bool = True
-    """Normalize advantages to zero mean and unit variance over the step's agent tokens."""
+    """advantage=gae: normalize advantages to zero mean and unit variance over the step's agent tokens (grpo's are
+    normalized within each group already)."""
+    advantage: str = "gae"
+    """gae (a value head, GAE over the packed turns) or grpo (critic-free: each episode's return normalized within
+    its group of rollout.group_size episodes on one seed, on all its agent tokens; no value head is trained)."""
+    value_warmup_steps: int = 0
+    """schedule.handover=auto: steps after the gate that train the value head alone (policy loss off)."""
 
     def __post_init__(self):
         for f in ("epochs", "minibatches"):
@@ -318,6 +365,11 @@ class PPOConfig:
               self.value_loss_coef)
         _need(self.value_clip is None or (_num(self.value_clip) and self.value_clip > 0), "ppo.value_clip",
               "null or a number > 0", self.value_clip)
+        _need(self.advantage in ("gae", "grpo"), "ppo.advantage", "gae or grpo", self.advantage)
+        _need(_int(self.value_warmup_steps) and self.value_warmup_steps >= 0, "ppo.value_warmup_steps",
+              "an integer >= 0", self.value_warmup_steps)
+        _need(self.advantage == "gae" or self.value_warmup_steps == 0, "ppo.value_warmup_steps",
+              "0 under ppo.advantage=grpo (no value head is trained)", self.value_warmup_steps)
 
 
 @dataclass(kw_only=True)
@@ -344,6 +396,8 @@ class OptimConfig:
     """Final learning rate as a fraction of lr for the linear and cosine schedules."""
     max_nonfinite_steps: int = 3
     """Stop the run after this many consecutive steps with a non-finite loss."""
+    handover_lr_scale: float = 0.1
+    """schedule.handover=auto: the learning rate is multiplied by this from the first step after the gate."""
 
     def __post_init__(self):
         _need(_num(self.lr) and self.lr > 0, "optim.lr", "a number > 0", self.lr)
@@ -363,6 +417,8 @@ class OptimConfig:
               self.min_lr_ratio)
         _need(_int(self.max_nonfinite_steps) and self.max_nonfinite_steps >= 1, "optim.max_nonfinite_steps",
               "an integer >= 1", self.max_nonfinite_steps)
+        _need(_num(self.handover_lr_scale) and self.handover_lr_scale > 0, "optim.handover_lr_scale",
+              "a number > 0", self.handover_lr_scale)
 
 
 @dataclass(kw_only=True)
@@ -518,7 +574,7 @@ class TrainConfig:
     """Run directory: resolved config, metrics.jsonl, TensorBoard events, checkpoints."""
     seed: int = 0
     """Seed of model init, environment seeds, sampling and minibatch order."""
-    max_steps: int = 150
+    max_steps: int = 250
     """Training steps (one rollout batch and one PPO update each)."""
     device: str = "auto"
     """auto (CUDA when available), cpu, cuda or cuda:N."""
@@ -546,12 +602,33 @@ class TrainConfig:
               "auto, cpu, cuda or cuda:N", self.device)
         _need(self.cpu_threads is None or (_int(self.cpu_threads) and self.cpu_threads >= 1), "cpu_threads",
               "null or an integer >= 1", self.cpu_threads)
+        _need(self.ppo.value_warmup_steps == 0 or self.distributed.engine != "deepspeed", "ppo.value_warmup_steps",
+              "0 with distributed.engine=deepspeed (the warm-up steps the value head alone)",
+              self.ppo.value_warmup_steps)
+        _need(not (self.gated and self.distributed.teacher_zero3), "schedule.handover",
+              "fixed with distributed.teacher_zero3 (auto measures the teacher on one rank)", self.schedule.handover)
         if self.schedule.mode != "rl" and self.model.teacher_server is None:
             _need(self.model.teacher is not None, "model.teacher",
                   f"a teacher for schedule.mode={self.schedule.mode} (null only with mode rl)", None)
         if self.model.teacher_server is not None:  # the loss takes a top-k teacher with forward KL only
             _need(self.loss.divergence == "forward_kl", "loss.divergence",
                   "forward_kl with model.teacher_server (a top-k teacher)", self.loss.divergence)
+        g, n = self.group_size, self.rollout.episodes_per_step
+        _need(self.ppo.advantage == "gae" or g >= 2, "rollout.group_size",
+              "an integer >= 2 under ppo.advantage=grpo (a singleton group's advantage is 0)", g)
+        _need(n % g == 0, "rollout.episodes_per_step", f"a multiple of rollout.group_size={g}", n)
+
+    @property
+    def group_size(self) -> int:
+        """Episodes per environment seed: rollout.group_size, or its default for the advantage estimator."""
+        if self.rollout.group_size is not None:
+            return self.rollout.group_size
+        return 8 if self.ppo.advantage == "grpo" else 1
+
+    @property
+    def gated(self) -> bool:
+        """λ is held until the progress gate opens (schedule.handover=auto under mode=atod, with a local teacher)."""
+        return self.schedule.mode == "atod" and self.schedule.handover == "auto" and self.model.teacher_server is None
 
 
 @dataclass(kw_only=True)

@@ -23,8 +23,9 @@ import torch
 from .config import BUILTIN, TrainConfig
 from .decoding import KvCacheSampler, supports_kv_reuse
 from .distributed import Dist
+from .grpo import group_env_seeds, sample_keys
 from .rollout import ChatFormat, Trajectory, play, stop_token_ids
-from .seeds import step_seed, train_seeds
+from .seeds import step_seed
 
 
 @runtime_checkable
@@ -53,8 +54,11 @@ class HfRolloutEngine:
 
     def rollout(self, step: int) -> list[Trajectory]:
         cfg, d = self.cfg, self.dist
-        # Rank r plays episodes r, r + world, ... of the step, sampling from its own generator.
-        seeds = train_seeds(cfg.seed, step, cfg.rollout.episodes_per_step)[d.rank::d.world]
+        # Rank r plays episodes r, r + world, ... of the step, sampling from its own generator; consecutive
+        # groups of rollout.group_size episodes share an environment seed.
+        n, g = cfg.rollout.episodes_per_step, cfg.group_size
+        ids = list(range(n))[d.rank::d.world]
+        seeds = group_env_seeds(cfg.seed, step, n, g)[d.rank::d.world]
         envs = [cfg.env.make() for _ in seeds]
         torch.manual_seed((step_seed(cfg.seed, step) + 1_000_003 * d.rank) % (1 << 62))
         generate = self._generate(step)
@@ -62,7 +66,8 @@ class HfRolloutEngine:
         return play(self.lm, self.tokenizer, self.fmt, envs, seeds, max_turns=self.max_turns,
                     max_new_tokens=r.max_new_tokens, max_episode_tokens=r.max_episode_tokens,
                     temperature=r.temperature, device=self.device,
-                    any_rank_active=d.any if self.engine.zero3 and generate is None else None, generate=generate)
+                    any_rank_active=d.any if self.engine.zero3 and generate is None else None, generate=generate,
+                    sample_keys=sample_keys(seeds, ids, g))
 
     def sync(self) -> None:
         pass  # generates with the student itself
@@ -93,7 +98,7 @@ class VllmRolloutEngine(HfRolloutEngine):
         self.sync()
 
     def _generate(self, step: int):
-        # each request seeded from (step, episode seed, turn): ranks differ by episode
+        # each request seeded from (step, episode's sampling key, turn): ranks and group members differ by episode
         return functools.partial(self.vllm.generate, base_seed=step_seed(self.cfg.seed, step, salt=2))
 
     def sync(self) -> None:

@@ -23,14 +23,19 @@ _BATCH = 128
 
 def evaluate_model(lm, tokenizer, *, env_name: str, env_kwargs: dict, episodes: int, max_turns: int | None,
                    max_new_tokens: int, max_episode_tokens: int, temperature: float, device: torch.device,
-                   chat_template: str | None = None, step_timeout_s: float | None = None) -> dict:
+                   chat_template: str | None = None, step_timeout_s: float | None = None,
+                   seeds: list[int] | None = None) -> dict:
     """Play ``episodes`` held-out episodes; returns success_rate, reward_mean, episodes and more.
 
     Sampling uses its own fixed seed (the global RNG state is left untouched), so two
-    evaluations of the same model agree exactly.
+    evaluations of the same model agree exactly. ``seeds``: other environment seeds than the
+    held-out ones (as many as ``episodes``).
     """
     fmt = ChatFormat(tokenizer, stop_token_ids(lm, tokenizer), chat_template)
-    seeds = eval_seeds(episodes)
+    if seeds is None:
+        seeds = eval_seeds(episodes)
+    elif len(seeds) != episodes:
+        raise ValueError(f"seeds: expected {episodes} seeds, got {len(seeds)}")
     trajs = []
     with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if device.type == "cuda" else []):
         torch.manual_seed(EVAL_SAMPLING_SEED)

@@ -53,12 +53,16 @@ def lr_lambda(cfg: TrainConfig):
     return f
 
 
-def make_optimizer(cfg: TrainConfig, policy) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+def make_optimizer(cfg: TrainConfig, policy, lr_factor=None) -> tuple[torch.optim.Optimizer,
+                                                                      torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW and its LR schedule; ``lr_factor(step)`` (1-based training step) multiplies the schedule (the
+    hand-over's ``optim.handover_lr_scale``), read whenever the LR is set."""
     o = cfg.optim
     trainable = [p for p in policy.parameters() if p.requires_grad]  # a LoRA student: adapters and value head
     opt = torch.optim.AdamW(trainable, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                             weight_decay=o.weight_decay)
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    f = lr_lambda(cfg)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, f if lr_factor is None else lambda k: f(k) * lr_factor(k + 1))
 
 
 class NonFiniteLossError(RuntimeError):
@@ -132,8 +136,12 @@ class PpoLearner:
                                  vocab_size=self.vocab_size, backend=cfg.loss.backend)
         return {"targets": targets, "old_logprobs": old, "old_values": values[batch.agent_rows]}, values
 
-    def update(self, step: int, batch: StepBatch, rows: dict[str, torch.Tensor], teacher=None) -> dict:
-        """PPO epochs × minibatches over the step's episodes; the logged metrics of the update."""
+    def update(self, step: int, batch: StepBatch, rows: dict[str, torch.Tensor], teacher=None, *,
+               value_only: bool = False) -> dict:
+        """PPO epochs × minibatches over the step's episodes; the logged metrics of the update.
+
+        ``value_only``: the value loss alone trains, and only the value head is stepped (the LM's gradients are
+        dropped, so AdamW does not move it with old momentum either): the hand-over's value warm-up."""
         cfg, d = self.cfg, self.dist
         counts = batch.counts
         n_global = cfg.rollout.episodes_per_step
@@ -155,7 +163,7 @@ class PpoLearner:
                     continue
                 idx = [i // d.world for i in mb if i % d.world == d.rank and g_counts[i] > 0]
                 weight = d.world * sum(counts[i] for i in idx) / global_n
-                self._minibatch(batch, rows, idx or [spare], weight, teacher, tally)
+                self._minibatch(batch, rows, idx or [spare], weight, teacher, tally, value_only)
         self._step_scheduler()
         return tally.metrics(d)
 
@@ -169,7 +177,15 @@ class PpoLearner:
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
             self.scheduler.step()
 
-    def _minibatch(self, batch: StepBatch, rows: dict, idx: list[int], weight: float, teacher, tally: _Tally):
+    def refresh_lr(self) -> None:
+        """Sets the next step's LR again from the schedule (after the λ controller changed ``lr_factor``)."""
+        s = self.scheduler
+        for group, base, f in zip(s.optimizer.param_groups, s.base_lrs, s.lr_lambdas, strict=True):
+            group["lr"] = base * f(s.last_epoch)
+        s._last_lr = [group["lr"] for group in s.optimizer.param_groups]  # what get_last_lr() reports
+
+    def _minibatch(self, batch: StepBatch, rows: dict, idx: list[int], weight: float, teacher, tally: _Tally,
+                   value_only: bool = False):
         """One optimizer step on the episodes ``idx`` of this rank, their loss scaled by ``weight``."""
         sel = batch.agent_slices(idx)
         mb_rows = {k: v[sel] for k, v in rows.items()}
@@ -177,12 +193,15 @@ class PpoLearner:
         head = teacher.head() if teacher is not None else (None, None)
         with teacher.gathered() if teacher is not None else contextlib.nullcontext():
             res = self.engine(sub.packed, sub.agent_rows, packing=self.cfg.model.packing,
-                              autocast=sub.device.type == "cuda", loss_fn=self._loss_fn(mb_rows, head))
+                              autocast=sub.device.type == "cuda", loss_fn=self._loss_fn(mb_rows, head, value_only))
             total = res["total"]
             if self.dist.any(not bool(torch.isfinite(total))):
                 tally.skipped += 1
                 return
             self.engine.backward(total * weight)
+        if value_only:  # AdamW skips parameters without a gradient
+            for p in self.policy.lm.parameters():
+                p.grad = None
         gn = self.engine.step()
         if gn is None:
             tally.skipped += 1
@@ -191,7 +210,7 @@ class PpoLearner:
         if weight != 0:
             tally.add(res, len(sel))
 
-    def _loss_fn(self, d: dict, teacher_head):
+    def _loss_fn(self, d: dict, teacher_head, value_only: bool = False):
         """The minibatch's loss from the student's hidden states (called inside the engine's forward)."""
         cfg = self.cfg
         w_t, b_t = teacher_head
@@ -216,6 +235,8 @@ class PpoLearner:
                 v_clip = d["old_values"] + (v - d["old_values"]).clamp(-cfg.ppo.value_clip, cfg.ppo.value_clip)
                 v_loss = torch.maximum(v_loss, (v_clip - d["returns"]) ** 2)
             v_loss = 0.5 * v_loss.mean()
+            if value_only:  # the LM head stays in the graph (DDP) with no gradient
+                return {"total": cfg.ppo.value_loss_coef * v_loss + 0.0 * out.loss, "value_loss": v_loss, "out": out}
             return {"total": out.loss + cfg.ppo.value_loss_coef * v_loss, "value_loss": v_loss, "out": out}
 
         return loss_fn

@@ -6,8 +6,8 @@ One training step (``Trainer.step``), each part in its own module:
 2. the step batch: the episodes packed end to end, their agent rows (``batch``);
 3. the student's behaviour statistics: old log-probs and values (``learner.PpoLearner.behaviour``);
 4. teacher scoring on agent rows (``teacher``) and, with ``kl_coef > 0``, reference log-probs (``reference``);
-5. advantages and value targets (``advantages``: GAE with the value head);
-6. λ per agent token (``lam``: the λ controller);
+5. advantages and value targets (``advantages``: GAE with the value head, or ``grpo``: group-normalized returns);
+6. λ per agent token (``lam``: the λ controller; ``handover``: the progress-gated hand-over of ``mode=atod``);
 7. ``ppo.epochs`` × ``ppo.minibatches`` steps on ``atod_loss`` + a clipped value loss (``learner``);
 8. the rollout engine takes the new weights; metrics, checkpoints (``checkpoint``), evaluation (``evaluation``).
 
@@ -24,14 +24,14 @@ from pathlib import Path
 
 import torch
 
-from .advantages import GaeEstimator
+from .advantages import make_estimator
 from .batch import StepBatch
 from .checkpoint import latest_checkpoint, read_meta, save_checkpoint
 from .config import BUILTIN, ConfigError, TrainConfig, to_yaml
 from .distributed import Dist, make_engine
 from .engines import make_rollout_engine
 from .evaluation import final_evaluation, heldout_metrics
-from .lam import ScheduleController, build_schedule
+from .handover import after_observe, lr_factor, make_controller, value_only
 from .learner import NonFiniteGuard, NonFiniteLossError, PpoLearner, make_optimizer
 from .loading import (
     find_resume,
@@ -81,8 +81,9 @@ class Trainer:
         m = self.models = load_models(cfg, self.teacher_path, device=dev, world=self.dist.world,
                                       resume_from=self.resume_from)
         self.max_turns = cfg.rollout.max_turns or cfg.env.make().max_turns
-        self.controller = ScheduleController(build_schedule(cfg, self.max_turns))
-        optimizer, self.scheduler = make_optimizer(cfg, m.policy)
+        self.controller = make_controller(cfg, m, max_turns=self.max_turns, teacher_path=self.teacher_path,
+                                          dist=self.dist, device=dev)
+        optimizer, self.scheduler = make_optimizer(cfg, m.policy, lr_factor=lambda s: lr_factor(self.controller, s))
         self.engine = make_engine(cfg.distributed, m.policy, optimizer, max_grad_norm=cfg.optim.max_grad_norm,
                                   device=dev, world=self.dist.world)
         vocab = loss_vocab_size(m)
@@ -92,8 +93,7 @@ class Trainer:
         self.reference = None if m.reference is None else ReferenceScorer(
             m.reference, packing=cfg.model.packing, temperature=cfg.loss.temperature, vocab_size=vocab,
             backend=cfg.loss.backend)
-        self.advantages = GaeEstimator(gamma=cfg.ppo.gamma, lam=cfg.ppo.gae_lambda, dist=self.dist,
-                                       whiten_advantages=cfg.ppo.whiten_advantages)
+        self.advantages = make_estimator(cfg, self.dist)
         for name, make in self.parts.items():
             setattr(self, name, make(self))
         if self.resume_from is not None:  # before the vLLM engine: its first sync sends the restored weights
@@ -132,14 +132,15 @@ class Trainer:
         if rows is None:  # no teacher scores: no update
             rows, metrics = {"lam": self.controller.lam(step, batch.agent_turns)}, self.learner.skip()
         else:
-            metrics = self.learner.update(step, batch, rows, self.teacher)
+            metrics = self.learner.update(step, batch, rows, self.teacher, value_only=value_only(self.controller, step))
         self.rollout_engine.sync()  # the next rollout samples from the updated student
         t2 = time.perf_counter()
         lam_turn = [round(x, 6) for x in self.controller.lambda_turn(step, self.max_turns)]
         stats = _global_stats(self.dist, trajs, rows["lam"], batch.counts)
-        return {"step": step, **metrics, "lambda_mean": stats.pop("lambda_mean"), "lambda_turn": lam_turn, **stats,
-                "tokens_per_s": stats["tokens"] / max(t2 - t0, 1e-9), "rollout_s": t1 - t0, "update_s": t2 - t1,
-                "lr": self.scheduler.get_last_lr()[0]}
+        out = {"step": step, **metrics, "lambda_mean": stats.pop("lambda_mean"), "lambda_turn": lam_turn, **stats,
+               "tokens_per_s": stats["tokens"] / max(t2 - t0, 1e-9), "rollout_s": t1 - t0, "update_s": t2 - t1}
+        self.controller.observe(step, out)  # training episodes only; the hand-over gate may open here
+        return {**out, **after_observe(self.controller, self.learner)}  # its metrics, the next step's LR
 
     # ----------------------------------------------------------------- the loop
     def save(self, step: int) -> Path:
@@ -183,7 +184,6 @@ class Trainer:
                     m.update(heldout_metrics(cfg, self.models.policy.lm, self.models.tokenizer, self.device))
                 if writer is not None:
                     writer.write(m)
-                self.controller.observe(step, m)
                 self.guard.check(step, m, last_good=last_good, warn=main)
                 _progress(cfg, step, m, bar, main)
                 if step % cfg.checkpoint.every == 0 or step == cfg.max_steps:

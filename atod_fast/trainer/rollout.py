@@ -117,7 +117,8 @@ def stop_token_ids(lm, tokenizer) -> list[int]:
 @torch.no_grad()
 def play(lm, tokenizer, fmt: ChatFormat, envs: Sequence, seeds: Sequence[int], *, max_turns: int,
          max_new_tokens: int, max_episode_tokens: int, temperature: float, device: torch.device,
-         on_error=None, any_rank_active=None, generate=None) -> list[Trajectory]:
+         on_error=None, any_rank_active=None, generate=None, sample_keys: Sequence[int] | None = None,
+         ) -> list[Trajectory]:
     """Play one episode per environment, batched over the episodes still running.
 
     ``temperature == 0`` decodes greedily. Sampling draws from torch's global generator:
@@ -131,7 +132,9 @@ def play(lm, tokenizer, fmt: ChatFormat, envs: Sequence, seeds: Sequence[int], *
     :mod:`atod_fast.trainer.vllm_rollout`): ``generate(prompts, *, episode_seeds, turn, stop_ids,
     max_new_tokens, temperature)`` gets one token list per running episode (the episode so far,
     never re-tokenized) and returns, in order, the sampled token ids of each episode: at most
-    ``max_new_tokens`` of them, ending with a stop id when one was sampled. Everything else
+    ``max_new_tokens`` of them, ending with a stop id when one was sampled. Its ``episode_seeds``
+    are ``sample_keys`` (default: the environment seeds; episodes that share an environment seed
+    need distinct keys to sample apart). Everything else
     (stop handling, bookkeeping, environment steps) is shared, so the trajectories have the
     same layout whichever engine samples.
     """
@@ -147,6 +150,9 @@ def play(lm, tokenizer, fmt: ChatFormat, envs: Sequence, seeds: Sequence[int], *
         max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=pad,
     )
     trajs = [Trajectory(seed=s) for s in seeds]
+    keys = list(seeds) if sample_keys is None else list(sample_keys)
+    if len(keys) != len(trajs):
+        raise ValueError(f"sample_keys: expected {len(trajs)} keys, one per episode, got {len(keys)}")
     for env, t, s in zip(envs, trajs, seeds, strict=True):
         t._append(fmt.first(env.reset(s)), action=False, turn=0)
     active = list(range(len(envs)))
@@ -174,7 +180,7 @@ def play(lm, tokenizer, fmt: ChatFormat, envs: Sequence, seeds: Sequence[int], *
             outs = _hf_generate(lm, [trajs[i].tokens for i in active], gen_cfg, pad=pad, device=device,
                                 synced=synced)
         else:
-            outs = generate([list(trajs[i].tokens) for i in active], episode_seeds=[trajs[i].seed for i in active],
+            outs = generate([list(trajs[i].tokens) for i in active], episode_seeds=[keys[i] for i in active],
                             turn=turn, stop_ids=stop, max_new_tokens=max_new_tokens, temperature=temperature)
             _check_generated(outs, len(active), max_new_tokens)
         active = [i for seq, i in zip(outs, active, strict=True)  # the episodes that go on

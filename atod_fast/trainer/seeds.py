@@ -10,6 +10,8 @@ from ..envs.base import DEMO_BASE as _DEMO_BASE
 from ..envs.base import DEV_BASE as _DEV_BASE
 from ..envs.base import EVAL_BASE as _EVAL_BASE
 
+_PROBE_BASE = 1 << 42
+"""The teacher's probe episodes (the hand-over gate's bar): train split, above every demonstration seed in use."""
 _PER_STEP = 1 << 16
 
 
@@ -34,6 +36,11 @@ def dev_seeds(n: int) -> list[int]:
 def demo_seeds(seed: int, n: int) -> list[int]:
     """Seeds of expert demonstrations for SFT."""
     return [_DEMO_BASE + seed * 10_000_000 + i for i in range(n)]
+
+
+def probe_seeds(n: int) -> list[int]:
+    """Seeds of the teacher's training-distribution episodes (the hand-over gate's bar), the same for every run."""
+    return [_PROBE_BASE + i for i in range(n)]
 
 
 def step_seed(seed: int, step: int, salt: int = 0) -> int:
