@@ -10,6 +10,20 @@ if not torch.cuda.is_available():
 
 
 @pytest.fixture(scope="module")
+def private_cache(tmp_path_factory):
+    """ATOD_FAST_CACHE pointed at a fresh folder for one test module (its built-in teachers are made there and
+    subprocesses inherit it), restored afterwards."""
+    old = os.environ.get("ATOD_FAST_CACHE")
+    path = tmp_path_factory.mktemp("cache")
+    os.environ["ATOD_FAST_CACHE"] = str(path)
+    yield path
+    if old is None:
+        del os.environ["ATOD_FAST_CACHE"]
+    else:
+        os.environ["ATOD_FAST_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
 def tok_and_lm():
     """A tiny Llama and a tokenizer fitted to guess_number's text (rollout tests)."""
     from atod_fast.envs import make
@@ -24,7 +38,7 @@ def tok_and_lm():
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def tiny_run(private_cache):
     """Overrides for the smallest end-to-end ``atod-fast train`` run; the built-in teacher they name is made once
     per module, in a private cache that subprocesses inherit."""
     from atod_fast.trainer.config import load_train_config
@@ -37,11 +51,5 @@ def tiny_run(tmp_path_factory):
         "eval.episodes=8", "logging.progress=false", "logging.tensorboard=false", "checkpoint.every=1",
         "eval.at_end=false",
     ]
-    old = os.environ.get("ATOD_FAST_CACHE")
-    os.environ["ATOD_FAST_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     teacher_location(load_train_config(None, overrides), progress=False)
     yield overrides
-    if old is None:
-        del os.environ["ATOD_FAST_CACHE"]
-    else:
-        os.environ["ATOD_FAST_CACHE"] = old

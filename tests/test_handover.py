@@ -179,20 +179,6 @@ GATED = [*TINY, "schedule.gate_ratio=0", "schedule.gate_window=2", "ppo.value_wa
          "schedule.anneal_steps=3", "optim.handover_lr_scale=0.5"]
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """A private cache: one tiny built-in teacher (and its measured success) for the tests below."""
-    import os
-
-    old = os.environ.get("ATOD_FAST_CACHE")
-    os.environ["ATOD_FAST_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    yield
-    if old is None:
-        del os.environ["ATOD_FAST_CACHE"]
-    else:
-        os.environ["ATOD_FAST_CACHE"] = old
-
-
 def _weights(run, step):
     from safetensors.torch import load_file
 
@@ -202,7 +188,7 @@ def _weights(run, step):
     return out
 
 
-def test_resume_across_the_gate_gives_the_same_run(tmp_path, cache):
+def test_resume_across_the_gate_gives_the_same_run(tmp_path, private_cache):
     from atod_fast.cli import main
     from atod_fast.trainer.checkpoint import load_trainer_state
     from atod_fast.trainer.metrics import read_metrics

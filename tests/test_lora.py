@@ -98,21 +98,9 @@ TINY = [
     "model.student_arch.num_heads=2", "rollout.episodes_per_step=4", "eval.episodes=4", "logging.progress=false",
     "logging.tensorboard=false", "checkpoint.every=1", "eval.at_end=false",
     "model.lora.r=4", "model.lora.alpha=8", "model.lora.target_modules=[q_proj,v_proj,up_proj]", "optim.lr=1e-2",
-    "schedule.total_steps=3",  # λ anneals over 3 steps in the 2-step run too: it resumes into the same run
+    # λ anneals over 3 steps in the 2-step run too (the fixed schedule): it resumes into the same run
+    "schedule.handover=fixed", "schedule.total_steps=3",
 ]
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    import os
-
-    old = os.environ.get("ATOD_FAST_CACHE")
-    os.environ["ATOD_FAST_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    yield
-    if old is None:
-        del os.environ["ATOD_FAST_CACHE"]
-    else:
-        os.environ["ATOD_FAST_CACHE"] = old
 
 
 def _files(ckpt) -> dict[str, torch.Tensor]:
@@ -123,7 +111,7 @@ def _files(ckpt) -> dict[str, torch.Tensor]:
     return out
 
 
-def test_lora_run_trains_resumes_exactly_evaluates_and_exports(cache, tmp_path, capsys):
+def test_lora_run_trains_resumes_exactly_evaluates_and_exports(private_cache, tmp_path, capsys):
     import json
 
     from transformers import AutoModelForCausalLM

@@ -88,11 +88,17 @@ def test_wandb_sink_writes_offline_files(wandb_offline, tmp_path):
     assert [m["loss"] for m in read_metrics(tmp_path)] == [0.25, 0.125]
 
 
+def _train(args: list[str]) -> int:
+    """``atod-fast`` in its own process, as users run it: W&B keeps process-wide state (its service, its
+    settings) that earlier in-process runs of other tests may have set up differently."""
+    return subprocess.run([sys.executable, "-m", "atod_fast", *args], timeout=600).returncode
+
+
 def test_two_training_steps_with_the_wandb_sink_offline(wandb_offline, tiny_run, tmp_path):
     run = tmp_path / "run"
     args = ["train", "--output-dir", str(run), *tiny_run, "logging.tensorboard=true", "logging.wandb=true",
             "logging.wandb_project=atod-test", "logging.wandb_run_name=two-steps"]
-    assert main([*args, "--max-steps", "2"]) == 0
+    assert _train([*args, "--max-steps", "2"]) == 0
     rows = read_metrics(run)
     got = wandb_run(run)
     assert len(got["files"]) == 1 and got["files"][0].stat().st_size > 0
@@ -107,7 +113,7 @@ def test_two_training_steps_with_the_wandb_sink_offline(wandb_offline, tiny_run,
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
 
     # Resumed, the run continues under the same W&B id.
-    assert main([*args, "--max-steps", "3", "--resume", "auto"]) == 0
+    assert _train([*args, "--max-steps", "3", "--resume", "auto"]) == 0
     again = wandb_run(run)
     assert again["id"] == got["id"] and len(again["files"]) == 2
     assert [h["_step"] for h in again["history"]] == [1, 2, 3]

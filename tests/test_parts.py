@@ -3,8 +3,6 @@ advantage estimators, and the log-probs the trainer computes with the project's 
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -20,16 +18,10 @@ TINY = [
 
 
 @pytest.fixture(scope="module", autouse=True)
-def teacher_path(tmp_path_factory):
+def teacher_path(private_cache):
     from atod_fast.trainer.loading import teacher_location
 
-    old = os.environ.get("ATOD_FAST_CACHE")
-    os.environ["ATOD_FAST_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     yield teacher_location(load_train_config(None, TINY), progress=False)
-    if old is None:
-        del os.environ["ATOD_FAST_CACHE"]
-    else:
-        os.environ["ATOD_FAST_CACHE"] = old
 
 
 class ShrinkingController:

@@ -84,16 +84,10 @@ def post(url: str, body: dict) -> tuple[int, dict]:
 
 
 @pytest.fixture(scope="module")
-def teacher_path(tmp_path_factory):
+def teacher_path(private_cache):
     from atod_fast.trainer.loop import teacher_location
 
-    old = os.environ.get("ATOD_FAST_CACHE")
-    os.environ["ATOD_FAST_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     yield teacher_location(load_train_config(None, TINY_SFT), progress=False)
-    if old is None:
-        del os.environ["ATOD_FAST_CACHE"]
-    else:
-        os.environ["ATOD_FAST_CACHE"] = old
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -26,18 +25,12 @@ TINY = [
 
 
 @pytest.fixture(scope="module", autouse=True)
-def teacher_path(tmp_path_factory):
+def teacher_path(private_cache):
     """One tiny built-in teacher in a private cache, shared by every test (and their subprocesses)."""
     from atod_fast.trainer.loading import teacher_location
 
-    old = os.environ.get("ATOD_FAST_CACHE")
-    os.environ["ATOD_FAST_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     path = teacher_location(load_train_config(None, TINY), progress=False)
     yield path
-    if old is None:
-        del os.environ["ATOD_FAST_CACHE"]
-    else:
-        os.environ["ATOD_FAST_CACHE"] = old
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

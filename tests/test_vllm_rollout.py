@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
 import sys
 
 import fake_vllm
@@ -37,17 +36,11 @@ TINY = [
 
 
 @pytest.fixture(scope="module")
-def teacher_cache(tmp_path_factory):
+def teacher_cache(private_cache):
     """The tiny built-in teacher (the built-in student takes its tokenizer from it), in a private cache."""
     from atod_fast.trainer.loading import teacher_location
 
-    old = os.environ.get("ATOD_FAST_CACHE")
-    os.environ["ATOD_FAST_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     yield teacher_location(load_train_config(None, TINY), progress=False)
-    if old is None:
-        del os.environ["ATOD_FAST_CACHE"]
-    else:
-        os.environ["ATOD_FAST_CACHE"] = old
 
 
 @pytest.fixture
