@@ -75,14 +75,20 @@ def _turn_of_action_tokens(pos, traj, turn_ids, B: int, T: int) -> torch.Tensor:
     return run - first_run[traj]
 
 
+def _per_trajectory(name: str, x, shape: str, dim: int, B: int, dev) -> torch.Tensor:
+    """``x`` as finite float64 on ``dev``, ``dim``-D with B rows (one per trajectory)."""
+    t, _ = _to_torch(name, x)
+    if t.dim() != dim or t.shape[0] != B:
+        raise ValueError(f"{name} must be {shape} with B = {B}, got shape {tuple(t.shape)}")
+    t = t.to(device=dev, dtype=torch.float64)
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{name} must be finite")
+    return t
+
+
 def _place_turn_rewards(out, turn_rewards, turn_ids, pos, traj, B: int, T: int) -> None:
     dev = out.device
-    tr, _ = _to_torch("turn_rewards", turn_rewards)
-    if tr.dim() != 2 or tr.shape[0] != B:
-        raise ValueError(f"turn_rewards must be 2-D [B, K] with B = {B}, got shape {tuple(tr.shape)}")
-    tr = tr.to(device=dev, dtype=torch.float64)
-    if not torch.isfinite(tr).all():
-        raise ValueError("turn_rewards must be finite")
+    tr = _per_trajectory("turn_rewards", turn_rewards, "2-D [B, K]", 2, B, dev)
     K = tr.shape[1]
     turn = _turn_of_action_tokens(pos, traj, turn_ids, B, T)
     n_turns = torch.zeros(B, dtype=torch.long, device=dev)
@@ -104,12 +110,7 @@ def _place_turn_rewards(out, turn_rewards, turn_ids, pos, traj, B: int, T: int) 
 
 def _place_final_scores(out, final_scores, pos, traj, B: int) -> None:
     dev = out.device
-    fs, _ = _to_torch("final_scores", final_scores)
-    if fs.dim() != 1 or fs.shape[0] != B:
-        raise ValueError(f"final_scores must be 1-D [B] with B = {B}, got shape {tuple(fs.shape)}")
-    fs = fs.to(device=dev, dtype=torch.float64)
-    if not torch.isfinite(fs).all():
-        raise ValueError("final_scores must be finite")
+    fs = _per_trajectory("final_scores", final_scores, "1-D [B]", 1, B, dev)
     has_action = torch.zeros(B, dtype=torch.bool, device=dev)
     has_action[traj] = True
     lost = (fs != 0) & ~has_action
