@@ -106,6 +106,14 @@ def _fused_stats_kernel(
                 sp1 += pk * tl.sum(tl.where((cols[None, :] == idk[:, None]) & valid, zs, 0.0), axis=1)
         m_s, l_s, b_s, m_t, l_t, b_t, x = stats_update(m_s, l_s, b_s, m_t, l_t, b_t, x, zs, zt, valid, TEACHER, DIV)
     log_ls, ent, distill, m_t, log_lt, ent_t = stats_finish(m_s, l_s, b_s, m_t, l_t, b_t, x, TEACHER, DIV)
+    # Everything but the divergence is final here: stored now, it holds no registers through a JSD sweep.
+    tl.store(stats_ptr + 0 * N + rows, m_s, mask=rmask)
+    tl.store(stats_ptr + 1 * N + rows, log_ls, mask=rmask)
+    tl.store(stats_ptr + 2 * N + rows, ent, mask=rmask)
+    tl.store(stats_ptr + 3 * N + rows, (z_tgt - m_s) - log_ls, mask=rmask)
+    tl.store(stats_ptr + 6 * N + rows, m_t, mask=rmask)
+    tl.store(stats_ptr + 7 * N + rows, log_lt, mask=rmask)
+    tl.store(stats_ptr + 8 * N + rows, ent_t, mask=rmask)
     kl_sm = tl.zeros((BLOCK_N,), tl.float32)
     if TEACHER == 1 and DIV == 2:
         kl_tm = tl.zeros((BLOCK_N,), tl.float32)
@@ -123,16 +131,8 @@ def _fused_stats_kernel(
         distill = beta * kl_tm + (1.0 - beta) * kl_sm
     if TEACHER == 2:
         distill = sp1
-    out = (m_s, log_ls, ent, (z_tgt - m_s) - log_ls, distill, kl_sm, m_t, log_lt, ent_t)
-    tl.store(stats_ptr + 0 * N + rows, out[0], mask=rmask)
-    tl.store(stats_ptr + 1 * N + rows, out[1], mask=rmask)
-    tl.store(stats_ptr + 2 * N + rows, out[2], mask=rmask)
-    tl.store(stats_ptr + 3 * N + rows, out[3], mask=rmask)
-    tl.store(stats_ptr + 4 * N + rows, out[4], mask=rmask)
-    tl.store(stats_ptr + 5 * N + rows, out[5], mask=rmask)
-    tl.store(stats_ptr + 6 * N + rows, out[6], mask=rmask)
-    tl.store(stats_ptr + 7 * N + rows, out[7], mask=rmask)
-    tl.store(stats_ptr + 8 * N + rows, out[8], mask=rmask)
+    tl.store(stats_ptr + 4 * N + rows, distill, mask=rmask)
+    tl.store(stats_ptr + 5 * N + rows, kl_sm, mask=rmask)
 
 
 @triton.jit
@@ -208,20 +208,28 @@ CUDA_CONFIGS = {
     ("_fused_grad_kernel", 90, True): (32, 32, 32, 8, 2),
     ("_fused_grad_kernel", 80, True): (32, 64, 32, 8, 2),
 }
+# A dense teacher given as logits, where it differs: its half-precision 64×64 tile loads spill the stats
+# kernel at the entry above (sm_90 and sm_80); 32-wide vocabulary tiles do not.
+TLOGITS_CONFIGS = {
+    ("_fused_stats_kernel", 90, False): (64, 32, 64, 8, 3),
+    ("_fused_stats_kernel", 80, False): (64, 32, 64, 8, 3),
+}
 
 
-def cuda_config(cc: int, kernel: str, f32: bool):
+def cuda_config(cc: int, kernel: str, f32: bool, tlogits: bool = False):
     """(block constexprs, launch options) of ``kernel`` on compute capability ``cc`` (≥ 90 uses the
-    Hopper entry, anything else the Ampere one) with float32 or half-precision operands."""
-    bn, bv, bk, warps, stages = CUDA_CONFIGS[(kernel, 90 if cc >= 90 else 80, f32)]
+    Hopper entry, anything else the Ampere one) with float32 or half-precision operands, and with
+    ``tlogits`` for a dense teacher given as logits."""
+    key = (kernel, 90 if cc >= 90 else 80, f32)
+    bn, bv, bk, warps, stages = (TLOGITS_CONFIGS.get(key) if tlogits else None) or CUDA_CONFIGS[key]
     return dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk), dict(num_warps=warps, num_stages=stages)
 
 
-def _config(device, kernel, hs):
+def _config(device, kernel, hs, tlogits):
     if device.type != "cuda":  # interpreter: small tiles keep numpy's work per program low
         return dict(BLOCK_N=32, BLOCK_V=256, BLOCK_K=32), dict(num_warps=1)
     major, minor = torch.cuda.get_device_capability(device)
-    return cuda_config(major * 10 + minor, kernel, hs.dtype == torch.float32)
+    return cuda_config(major * 10 + minor, kernel, hs.dtype == torch.float32, tlogits)
 
 
 def _precision(hs):
@@ -259,8 +267,8 @@ def fused_stats(hs, ws, bs, ht, wt, bt, tgt, ids, phat, *, teacher, divergence, 
     stats = torch.empty((len(STATS), n), dtype=torch.float32, device=hs.device)
     if n == 0:
         return stats
-    blocks, launch = _config(hs.device, "_fused_stats_kernel", hs)
     ht_dim, flags = _teacher_flags(teacher, ht, wt, bt, hs.shape[1])
+    blocks, launch = _config(hs.device, "_fused_stats_kernel", hs, flags["TLOGITS"])
     _fused_stats_kernel[(triton.cdiv(n, blocks["BLOCK_N"]),)](
         *_common(hs, ws, bs, ht, wt, bt, tgt, ids, phat, teacher), stats,
         n, v, hs.shape[1], ht_dim, 0 if ids is None else ids.shape[1], 1.0 / temperature, *jsd_constants(jsd_beta),
@@ -284,9 +292,9 @@ def fused_grad(hs, ws, bs, ht, wt, bt, tgt, ids, phat, stats, c_lp, lam, ent_coe
     gb = torch.zeros((v,), dtype=torch.float32, device=dev) if need_b else None
     if n == 0 or not (need_h or need_w or need_b):
         return gh, gw, gb
-    blocks, launch = _config(dev, "_fused_grad_kernel", hs)
-    grid = (triton.cdiv(n, blocks["BLOCK_N"]), triton.cdiv(v, blocks["BLOCK_V"]))
     ht_dim, flags = _teacher_flags(teacher, ht, wt, bt, h)
+    blocks, launch = _config(dev, "_fused_grad_kernel", hs, flags["TLOGITS"])
+    grid = (triton.cdiv(n, blocks["BLOCK_N"]), triton.cdiv(v, blocks["BLOCK_V"]))
     _fused_grad_kernel[grid](
         *_common(hs, ws, bs, ht, wt, bt, tgt, ids, phat, teacher), stats, c_lp, lam, ent_coef, scale,
         stats if gh is None else gh, stats if gw is None else gw, stats if gb is None else gb,

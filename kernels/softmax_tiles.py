@@ -46,7 +46,8 @@ def stats_update(m_s, l_s, b_s, m_t, l_t, b_t, x, zs, zt, valid, TEACHER: tl.con
 
 @triton.jit
 def stats_finish(m_s, l_s, b_s, m_t, l_t, b_t, x, TEACHER: tl.constexpr, DIV: tl.constexpr):
-    """-> (log l_s, entropy, D for reverse/forward KL (else 0), m_t, log l_t, teacher entropy (dense, else 0))"""
+    """-> (log l_s, entropy, D for reverse/forward KL (else 0), m_t, log l_t, the dense teacher's entropy
+    (else 0))"""
     log_ls = tl.log(l_s)
     ent = log_ls + b_s / l_s
     m_t = tl.where(l_t > 0, m_t, 0.0)
