@@ -90,9 +90,10 @@ def _fused_variants(cc, full):
             ptrs.update({n: f"*{dt}" for n in ("hs_ptr", "ws_ptr", "ht_ptr", "wt_ptr")})
             ptrs.update(tgt_ptr="*i64", ids_ptr="*i64")
             # (TEACHER, DIV, TLOGITS): TLOGITS reads a dense teacher's logits (in the operands' dtype here).
-            combos = ([(t, d, False) for t, d in itertools.product((0, 1, 2, 3), (0, 1, 2))]
+            # No TEACHER 3: the host runs a sampled teacher's rows as TEACHER 0 (its D needs no kernel).
+            combos = ([(t, d, False) for t, d in itertools.product((0, 1, 2), (0, 1, 2))]
                       + [(1, d, True) for d in (0, 1, 2)] if full
-                      else [(1, 2, False), (1, 0, False), (2, 1, False), (1, 2, True)])
+                      else [(1, 2, False), (1, 0, False), (2, 1, False), (1, 2, True), (1, 0, True)])
             for t, d, tlogits in combos:
                 if t != 1 and d != 0 and full:
                     continue
