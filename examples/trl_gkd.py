@@ -14,8 +14,9 @@ Runs on the CPU with tiny random-init Llamas built in-process (no download):
     python examples/trl_gkd.py --steps 2 --beta 0.5 --teacher hidden
 
 It prints TRL's loss and ``atod_loss`` on the same batch (for β = 0, 0.3, 0.5, 1 and both teacher
-inputs), then trains; the last line is a JSON summary (tests/test_trl_gkd.py reads it). Run it from outside the repository's root: the root's
-``kernels/`` folder would hide the Hugging Face ``kernels`` package that trl imports.
+inputs), then trains; the last line is a JSON summary (tests/test_trl_gkd.py reads it). Run it from
+outside the repository's root: the root's ``kernels/`` folder would hide the Hugging Face ``kernels``
+package that trl imports.
 Single process: under DDP, call the wrapped model's forward rather than its decoder.
 """
 

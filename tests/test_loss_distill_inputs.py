@@ -9,8 +9,7 @@ import math
 
 import pytest
 import torch
-from loss_cases import make_case
-from loss_cases import nan_filled_buffers  # noqa: F401  (autouse fixture)
+from loss_cases import make_case, nan_filled_buffers  # noqa: F401  (nan_filled_buffers: autouse fixture)
 from test_loss_reference import LN_04, Z_S, Z_T, eye_inputs
 
 from atod_fast import atod_loss
