@@ -354,3 +354,37 @@ def test_narrower_vocab_size_takes_the_first_teacher_logit_columns():
     sliced = dict(kw, student_weight=kw["student_weight"][:17], student_bias=kw["student_bias"][:17],
                   teacher_logits=kw["teacher_logits"][:, :17])
     assert out.loss.item() == pytest.approx(atod_loss(**sliced, divergence="forward_kl").loss.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["sampled_no_old_odd", "logits_jsd"])
+def test_torch_backend_float64_matches_reference_tightly(name):
+    kw = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in case_inputs(name).items()}
+    hp = TORCH_CASES[name]["hp"]
+    ref = run(kw, "reference", **hp)
+    got = run(kw, "torch", chunk_size=10, **hp)
+    assert got[0].loss.dtype == torch.float64
+    for f in ("loss", "distill", "teacher_entropy", "pg"):
+        assert rel_err(getattr(got[0], f), getattr(ref[0], f)) < 1e-12, f
+    for k in ref[1]:
+        assert rel_err(got[1][k], ref[1][k]) < 1e-12, k
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("teacher", ["logits", "sampled"])
+def test_masked_rows_garbage_in_teacher_inputs_does_not_leak(backend, teacher):
+    kw = make_case(teacher=teacher, seed=31)
+    dead = ~kw["loss_mask"]
+    assert dead.any()
+    clean = dict(kw)
+    name = "teacher_logits" if teacher == "logits" else "teacher_logprobs"
+    kw[name] = kw[name].clone()
+    kw[name][dead] = float("nan")
+    kw["target_ids"] = torch.where(dead, -100, kw["target_ids"])
+    hp = dict(divergence="sampled_reverse_kl" if teacher == "sampled" else "forward_kl")
+    want = run(clean, "reference", **hp)
+    got = run(kw, backend, chunk_size=8, **hp)
+    assert torch.isfinite(got[0].loss) and rel_err(got[0].loss, want[0].loss) < 1e-5
+    for f in ("distill", "teacher_entropy"):
+        assert (getattr(got[0], f)[dead] == 0).all()
+    for k in want[1]:
+        assert torch.isfinite(got[1][k]).all() and rel_err(got[1][k], want[1][k]) < 1e-5
