@@ -388,3 +388,16 @@ def test_masked_rows_garbage_in_teacher_inputs_does_not_leak(backend, teacher):
         assert (getattr(got[0], f)[dead] == 0).all()
     for k in want[1]:
         assert torch.isfinite(got[1][k]).all() and rel_err(got[1][k], want[1][k]) < 1e-5
+
+
+def test_module_takes_the_optional_inputs_and_teacher_logits():
+    from atod_fast import AtodLoss
+
+    kw = make_case(n=12, h=8, v=30, teacher="logits", seed=37)
+    mod = AtodLoss(divergence="jsd", jsd_beta=1.0, backend="torch", chunk_size=5)
+    out = mod(kw["student_hidden"], kw["student_weight"], kw["target_ids"], loss_mask=kw["loss_mask"].int(),
+              student_bias=kw["student_bias"], teacher_logits=kw["teacher_logits"])
+    want = atod_loss(kw["student_hidden"], kw["student_weight"], kw["target_ids"], loss_mask=kw["loss_mask"],
+                     student_bias=kw["student_bias"], teacher_logits=kw["teacher_logits"], divergence="reverse_kl",
+                     backend="reference")
+    assert rel_err(out.loss, want.loss) < 1e-5 and rel_err(out.teacher_entropy, want.teacher_entropy) < 1e-5
