@@ -9,8 +9,7 @@ import math
 
 import pytest
 import torch
-from loss_cases import make_case
-from loss_cases import nan_filled_buffers  # noqa: F401  (autouse fixture)
+from loss_cases import make_case, nan_filled_buffers  # noqa: F401  (nan_filled_buffers: autouse fixture)
 from test_loss_reference import LN_04, Z_S, Z_T, eye_inputs
 
 from atod_fast import atod_loss
@@ -355,3 +354,50 @@ def test_narrower_vocab_size_takes_the_first_teacher_logit_columns():
     sliced = dict(kw, student_weight=kw["student_weight"][:17], student_bias=kw["student_bias"][:17],
                   teacher_logits=kw["teacher_logits"][:, :17])
     assert out.loss.item() == pytest.approx(atod_loss(**sliced, divergence="forward_kl").loss.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["sampled_no_old_odd", "logits_jsd"])
+def test_torch_backend_float64_matches_reference_tightly(name):
+    kw = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in case_inputs(name).items()}
+    hp = TORCH_CASES[name]["hp"]
+    ref = run(kw, "reference", **hp)
+    got = run(kw, "torch", chunk_size=10, **hp)
+    assert got[0].loss.dtype == torch.float64
+    for f in ("loss", "distill", "teacher_entropy", "pg"):
+        assert rel_err(getattr(got[0], f), getattr(ref[0], f)) < 1e-12, f
+    for k in ref[1]:
+        assert rel_err(got[1][k], ref[1][k]) < 1e-12, k
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("teacher", ["logits", "sampled"])
+def test_masked_rows_garbage_in_teacher_inputs_does_not_leak(backend, teacher):
+    kw = make_case(teacher=teacher, seed=31)
+    dead = ~kw["loss_mask"]
+    assert dead.any()
+    clean = dict(kw)
+    name = "teacher_logits" if teacher == "logits" else "teacher_logprobs"
+    kw[name] = kw[name].clone()
+    kw[name][dead] = float("nan")
+    kw["target_ids"] = torch.where(dead, -100, kw["target_ids"])
+    hp = dict(divergence="sampled_reverse_kl" if teacher == "sampled" else "forward_kl")
+    want = run(clean, "reference", **hp)
+    got = run(kw, backend, chunk_size=8, **hp)
+    assert torch.isfinite(got[0].loss) and rel_err(got[0].loss, want[0].loss) < 1e-5
+    for f in ("distill", "teacher_entropy"):
+        assert (getattr(got[0], f)[dead] == 0).all()
+    for k in want[1]:
+        assert torch.isfinite(got[1][k]).all() and rel_err(got[1][k], want[1][k]) < 1e-5
+
+
+def test_module_takes_the_optional_inputs_and_teacher_logits():
+    from atod_fast import AtodLoss
+
+    kw = make_case(n=12, h=8, v=30, teacher="logits", seed=37)
+    mod = AtodLoss(divergence="jsd", jsd_beta=1.0, backend="torch", chunk_size=5)
+    out = mod(kw["student_hidden"], kw["student_weight"], kw["target_ids"], loss_mask=kw["loss_mask"].int(),
+              student_bias=kw["student_bias"], teacher_logits=kw["teacher_logits"])
+    want = atod_loss(kw["student_hidden"], kw["student_weight"], kw["target_ids"], loss_mask=kw["loss_mask"],
+                     student_bias=kw["student_bias"], teacher_logits=kw["teacher_logits"], divergence="reverse_kl",
+                     backend="reference")
+    assert rel_err(out.loss, want.loss) < 1e-5 and rel_err(out.teacher_entropy, want.teacher_entropy) < 1e-5

@@ -18,8 +18,9 @@ FIELDS = ("logprobs", "entropy", "distill", "pg", "kl", "teacher_entropy")
 PARAMS = ("student_hidden", "student_weight", "student_bias")
 
 
-def make_case(**kw):
-    return _make_case(device=DEVICE, **kw)
+def make_case(drop=(), **kw):
+    """loss_cases.make_case on DEVICE, without the inputs named in ``drop`` (optional ones)."""
+    return {k: v for k, v in _make_case(device=DEVICE, **kw).items() if k not in drop}
 
 
 def run(kw, backend, upstream=1.0, **hp):
@@ -61,19 +62,23 @@ CASES = {
     "n1": dict(case=dict(n=1, masked_frac=0.0), hp=dict(divergence="jsd")),
     "normalizer_tensor": dict(case=dict(), hp=dict(normalizer=torch.tensor(50.0), kl_coef=0.1)),
     "normalizer_float": dict(case=dict(ref=False), hp=dict(normalizer=7.5, divergence="reverse_kl")),
-    # LOSS-SPEC: a teacher given as logits (wider than the vocabulary), the sampled teacher, optional inputs.
-    "logits_reverse_kl": dict(case=dict(teacher="logits", logit_scale=2.0), hp=dict(temperature=0.8)),
-    "logits_jsd": dict(case=dict(teacher="logits"), hp=dict(divergence="jsd", jsd_beta=0.7, kl_coef=0.1)),
+    # LOSS-SPEC: the sampled teacher, a teacher given as logits (wider than the vocabulary), optional inputs.
+    "sampled": dict(case=dict(teacher="sampled"), hp=dict(divergence="sampled_reverse_kl", kl_coef=0.1, dual_clip=2.0,
+                                                          entropy_coef=0.02)),
+    "sampled_no_old": dict(case=dict(teacher="sampled", n=23, v=257, drop=("old_logprobs",)),
+                           hp=dict(divergence="sampled_reverse_kl", entropy_coef=0.02, temperature=0.9)),
+    "sampled_no_ppo": dict(case=dict(teacher="sampled", ref=False, drop=("old_logprobs", "advantages", "lam")),
+                           hp=dict(divergence="sampled_reverse_kl")),
+    "teacher_logits": dict(case=dict(teacher="logits", logit_scale=2.0), hp=dict(divergence="jsd", jsd_beta=0.2)),
+    "logits_reverse_kl_temperature": dict(case=dict(teacher="logits", logit_scale=2.0),
+                                          hp=dict(temperature=0.8, kl_coef=0.1)),
     "logits_forward_kl_vocab_size": dict(case=dict(teacher="logits", vt=1013), targets_below=990,
                                          hp=dict(divergence="forward_kl", vocab_size=990)),
-    "sampled": dict(case=dict(teacher="sampled"), hp=dict(divergence="sampled_reverse_kl", kl_coef=0.1,
-                                                          entropy_coef=0.02, dual_clip=2.0)),
-    "sampled_no_old": dict(case=dict(teacher="sampled"), drop=("old_logprobs",),
-                           hp=dict(divergence="sampled_reverse_kl", kl_coef=0.1, temperature=1.3)),
-    "sampled_no_ppo": dict(case=dict(teacher="sampled", ref=False), drop=("old_logprobs", "advantages", "lam"),
-                           hp=dict(divergence="sampled_reverse_kl")),
-    "no_advantages": dict(case=dict(), drop=("advantages",), hp=dict(divergence="forward_kl", kl_coef=0.1)),
-    "no_old_logprobs": dict(case=dict(teacher="sparse", k=6), drop=("old_logprobs",),
+    "distill_only": dict(case=dict(teacher="logits", n=19, v=301, drop=("old_logprobs", "advantages", "lam")),
+                         hp=dict(divergence="reverse_kl")),
+    "no_advantages": dict(case=dict(drop=("advantages", "lam")), hp=dict(divergence="forward_kl", kl_coef=0.1)),
+    "no_advantages_with_lam": dict(case=dict(drop=("advantages",)), hp=dict(divergence="jsd", kl_coef=0.1)),
+    "no_old_logprobs": dict(case=dict(teacher="sparse", k=6, drop=("old_logprobs",)),
                             hp=dict(divergence="forward_kl", dual_clip=2.0)),
     "small_odd": dict(case=dict(n=5, h=7, v=77, ht=3, masked_frac=0.0), hp=dict(divergence="jsd", entropy_coef=0.1)),
 }
@@ -84,8 +89,6 @@ CASES = {
 def test_matches_reference_fp32(backend, name):
     c = CASES[name]
     kw = make_case(**c["case"], seed=list(CASES).index(name))
-    for k in c.get("drop", ()):
-        del kw[k]
     if "targets_below" in c:
         kw["target_ids"] %= c["targets_below"]
     upstream = float(torch.empty(()).uniform_(0.5, 2.0)) if name != "reverse_kl" else 2.0  # loss * 2 upstream
