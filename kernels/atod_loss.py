@@ -152,7 +152,7 @@ def _atod_rows_kernel(
 def cuda_config(cc: int, vocab: int):
     """(block constexprs, launch options) on a GPU of compute capability ``cc`` (90 Hopper, 80 Ampere).
 
-    One row per program sweeping 2048-wide vocabulary tiles: 46–68 registers and no stack on sm_80
+    One row per program sweeping 2048-wide vocabulary tiles: 36–78 registers and no stack on sm_80
     and sm_90 (benchmarks/kernel_resources.py), the kernel is bandwidth-bound, one config serves both.
     """
     return dict(BLOCK_R=1, BLOCK_V=min(triton.next_power_of_2(vocab), 2048)), dict(num_warps=8)
