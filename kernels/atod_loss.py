@@ -172,6 +172,8 @@ def atod_rows(zs, zt, tgt, old, adv, lam, ref, sparse_sums, scale, *, teacher, d
     out = torch.empty((len(OUT_FIELDS), r), dtype=torch.float32, device=zs.device)
     if r == 0:
         return out
+    if (teacher == "sampled") != (teacher_logprobs is not None):
+        raise ValueError(f"teacher_logprobs is the sampled teacher's input (teacher={teacher!r})")
     if adv is None:  # pg = −0·r = 0 and never clipped: the PPO terms vanish without a kernel variant
         adv = torch.zeros(r, dtype=torch.float32, device=zs.device)
     if zs.device.type == "cuda":

@@ -210,6 +210,19 @@ def test_teacher_logits_layouts_and_dtypes(backend, dtype):
         assert_close(tri, ref, 1e-5)
 
 
+@pytest.mark.parametrize("backend", [b for b in FUSED if b != "torch"])
+@pytest.mark.parametrize("beta, same", [(0.0, "forward_kl"), (1, "reverse_kl")])
+def test_jsd_beta_limits_are_the_kls_exactly(backend, beta, same):
+    # β 0 / 1 reach the kernels as the KL itself, with β's (infinite) log constants unused.
+    kw = make_case(n=13, v=301, seed=47, logit_scale=2.0)
+    got = run(kw, backend, divergence="jsd", jsd_beta=beta, chunk_size=8)
+    want = run(kw, backend, divergence=same, chunk_size=8)
+    for f in ("loss", *FIELDS):
+        assert torch.equal(getattr(got[0], f), getattr(want[0], f)), f
+    for k in want[1]:
+        assert torch.equal(got[1][k], want[1][k])
+
+
 @pytest.mark.parametrize("backend", FUSED)
 def test_no_grad_forward_matches(backend):
     kw = make_case(seed=19)
