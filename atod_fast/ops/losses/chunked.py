@@ -191,6 +191,8 @@ class _ChunkedAtodLoss(torch.autograd.Function):
 
         zs_buf = buffer(student)
         zt_buf = None if teacher is None else buffer(teacher)
+        if zt_given is not None and zt_given.dtype == dt:
+            zt_buf = torch.empty(min(chunk, n_live), vocab, dtype=dt, device=dev)
         kw = dict(teacher=x.teacher, divergence=hp.divergence, jsd_beta=hp.jsd_beta, temperature=hp.temperature,
                   clip_eps_low=hp.clip_eps_low, clip_eps_high=hp.clip_eps_high, dual_clip=hp.dual_clip,
                   kl_coef=hp.kl_coef, entropy_coef=hp.entropy_coef, write_grad=write_grad)
@@ -198,7 +200,9 @@ class _ChunkedAtodLoss(torch.autograd.Function):
             e = min(s + chunk, n_live)
             hc = h_live[s:e]
             zs = student.logits(hc, zs_buf)
-            if zt_given is not None:
+            if zt_buf is not None and teacher is None:  # given logits, gathered into the reused buffer
+                zt = torch.index_select(zt_given, 0, idx[s:e], out=zt_buf[: e - s])
+            elif zt_given is not None:
                 zt = zt_given.index_select(0, idx[s:e]).to(dt)
             else:
                 zt = None if teacher is None else teacher.logits(ht[s:e], zt_buf)
