@@ -56,9 +56,9 @@ def _atod_rows_kernel(
 ):
     # Pass 1: online softmax statistics of both models (softmax_tiles.stats_update).
     # Pass 2 (JSD only): KL(p_t‖m) and KL(p_s‖m) now that both log-sum-exps are known.
-    # PPO, k3 and the λ mix per row (_ppo_row), after a sampled teacher's D (_sampled_row);
-    # last pass writes dℓ/dz_s · scale over zs, with
-    # scale = 1 / (normalizer · T) (softmax_tiles.grad_tile; the host adds a sparse teacher's −p̂_k).
+    # PPO, k3 and the λ mix per row (_ppo_row), a sampled teacher's D (TEACHER 3) entering through c_lp;
+    # last pass writes dℓ/dz_s · scale over zs, with scale = 1 / (normalizer · T)
+    # (softmax_tiles.grad_tile; the host adds a sparse teacher's −p̂_k).
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < R
@@ -182,6 +182,7 @@ def atod_rows(zs, zt, tgt, old, adv, lam, ref, sparse_sums, scale, *, teacher, d
         blocks = dict(BLOCK_R=min(16, triton.next_power_of_2(r)), BLOCK_V=min(triton.next_power_of_2(v), 256))
         launch = dict(num_warps=1)
     zt_ = zt if teacher == "dense" else zs
+    # Unused pointers get a tensor of the right kind; DIV is read with a dense teacher only.
     _atod_rows_kernel[(triton.cdiv(r, blocks["BLOCK_R"]),)](
         zs, zt_, zs.stride(0), zt_.stride(0),
         tgt, adv if old is None else old, adv, lam, adv if ref is None else ref,
