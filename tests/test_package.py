@@ -65,3 +65,17 @@ def test_regular_install_imports_kernels(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip().startswith(str(target))
+
+
+def test_checkout_root_on_sys_path_does_not_hide_hf_kernels():
+    # ``python -m`` from the checkout's root puts kernels/ on sys.path as plain ``kernels``; transformers imports
+    # Hugging Face's package of that name whenever it is installed, and must get it.
+    root = Path(__file__).resolve().parent.parent
+    code = ("import importlib.metadata as m, kernels, transformers.activations\n"
+            "try:\n    m.version('kernels'); hf = True\nexcept m.PackageNotFoundError:\n    hf = False\n"
+            "print(hf, kernels.__file__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    hf, path = out.stdout.split()
+    local = Path(path).resolve() == root / "kernels" / "__init__.py"
+    assert local != (hf == "True"), out.stdout
