@@ -108,7 +108,7 @@ TINY = [
     "sft.arch.num_heads=2", "model.student_arch.hidden_size=32", "model.student_arch.intermediate_size=64",
     "model.student_arch.num_heads=2", "rollout.episodes_per_step=6", "eval.episodes=8", "logging.progress=false",
     "logging.tensorboard=false", "checkpoint.every=1", "checkpoint.keep_last=10", "eval.at_end=false",
-    "schedule.turn_weighting=adaptive", "schedule.handover=fixed",
+    "schedule.turn_weighting=adaptive", "schedule.handover=fixed", "schedule.total_steps=3",
 ]
 
 
@@ -124,8 +124,10 @@ def test_adaptive_run_logs_its_statistics_and_resumes_exactly(tmp_path, private_
     for key in ("loss", "lambda_mean", "lambda_turn", "turn_weights", "turn_distill", "turn_teacher_entropy"):
         assert [r[key] for r in la] == [r[key] for r in lb], key
     first = la[0]
-    assert first["turn_weights"] == [1.0] * len(first["turn_weights"])  # no statistics before the first update
+    assert len(set(first["lambda_turn"])) == 1  # no statistics before the first update: one λ for every turn
     assert any(d is not None and d > 0 for d in first["turn_distill"])
     assert all(h is None or h > 0 for h in first["turn_teacher_entropy"])
     assert first["teacher_entropy"] > 0
-    assert la[1]["turn_weights"] != first["turn_weights"]  # step 1's statistics reshape step 2's λ
+    # Logged after the step (like lr): the weights of the next step, which step 1's statistics reshaped.
+    assert first["turn_weights"] != [1.0] * len(first["turn_weights"])
+    assert len(set(la[1]["lambda_turn"])) > 1
