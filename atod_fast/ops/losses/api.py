@@ -141,7 +141,8 @@ def atod_loss(
         student_hidden, student_weight, target_ids, old_logprobs, advantages, lam, loss_mask,
         student_bias=student_bias, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
         teacher_bias=teacher_bias, teacher_topk_ids=teacher_topk_ids, teacher_topk_logprobs=teacher_topk_logprobs,
-        teacher_logits=teacher_logits, teacher_logprobs=teacher_logprobs, ref_logprobs=ref_logprobs, divergence=divergence, jsd_beta=jsd_beta, temperature=temperature,
+        teacher_logits=teacher_logits, teacher_logprobs=teacher_logprobs, ref_logprobs=ref_logprobs,
+        divergence=divergence, jsd_beta=jsd_beta, temperature=temperature,
         clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high, dual_clip=dual_clip, kl_coef=kl_coef,
         entropy_coef=entropy_coef, normalizer=normalizer, vocab_size=vocab_size, chunk_size=chunk_size,
     )

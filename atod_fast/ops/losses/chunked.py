@@ -223,6 +223,8 @@ class _ChunkedAtodLoss(torch.autograd.Function):
 
         zs_buf = buffer(student)
         zt_buf = None if teacher is None else buffer(teacher)
+        if zt_given is not None and zt_given.dtype == dt:
+            zt_buf = torch.empty(min(chunk, n_live), vocab, dtype=dt, device=dev)
         kw = dict(teacher=x.teacher, divergence=hp.divergence, jsd_beta=hp.jsd_beta, temperature=hp.temperature,
                   clip_eps_low=hp.clip_eps_low, clip_eps_high=hp.clip_eps_high, dual_clip=hp.dual_clip,
                   kl_coef=hp.kl_coef, entropy_coef=hp.entropy_coef, write_grad=write_grad)
@@ -231,7 +233,9 @@ class _ChunkedAtodLoss(torch.autograd.Function):
             e = min(s + chunk, n_live)
             hc = h_live[s:e]
             zs = student.logits(hc, zs_buf)
-            if zt_given is not None:
+            if zt_buf is not None and teacher is None:  # given logits, gathered into the reused buffer
+                zt = torch.index_select(zt_given, 0, idx[s:e], out=zt_buf[: e - s])
+            elif zt_given is not None:
                 zt = zt_given.index_select(0, idx[s:e]).to(dt)
             else:
                 zt = None if teacher is None else teacher.logits(ht[s:e], zt_buf)
@@ -246,10 +250,8 @@ class _ChunkedAtodLoss(torch.autograd.Function):
             if tlp is not None:  # only a row function that has the sampled teacher gets the keyword
                 kw["teacher_logprobs"] = tlp[s:e]
             o = rows_fn(zs, zt, tgt[s:e], *(row_slice(t, s, e) for t in (old, adv, lam, ref)), sp, scale, **kw)
-            if fill_teacher_entropy:
-                o[7] = 0.0 if ent_t is None else ent_t
-                if sp is not None:
-                    o[7] = -sp[:, 0]
+            if fill_teacher_entropy:  # −Σ p̂ log p̂ for a sparse teacher, as the row functions report it
+                o[7] = -sp[:, 0] if sp is not None else (0.0 if ent_t is None else ent_t)
             out.index_copy_(1, idx[s:e], o.to(dt))
             if not write_grad:
                 continue

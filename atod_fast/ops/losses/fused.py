@@ -78,7 +78,8 @@ class _FusedAtodLoss(torch.autograd.Function):
 
         old, adv, lam, ref, tlp = (rows(t) for t in (x.old_logprobs, x.advantages, x.lam, x.ref_logprobs,
                                                      x.teacher_logprobs))
-        kernel_teacher = "none" if x.teacher == "sampled" else x.teacher
+        # The kernels see no teacher for a sampled one (its divergence name is then unused by them).
+        kernel_teacher, kernel_div = ("none", "reverse_kl") if x.teacher == "sampled" else (x.teacher, hp.divergence)
         if x.teacher == "sparse":
             ids = x.teacher_topk_ids.index_select(0, idx).contiguous()
             lp_hat = torch.log_softmax(x.teacher_topk_logprobs.detach().index_select(0, idx).to(f32), dim=-1)
@@ -87,7 +88,7 @@ class _FusedAtodLoss(torch.autograd.Function):
             plogp = torch.where(pos, phat * lp_hat, torch.zeros_like(lp_hat)).sum(-1)
 
         stats = fused_stats(hs, ws, bs, ht, wt, bt, tgt, ids, phat, teacher=kernel_teacher,
-                            divergence=hp.divergence, jsd_beta=hp.jsd_beta, temperature=hp.temperature)
+                            divergence=kernel_div, jsd_beta=hp.jsd_beta, temperature=hp.temperature)
         m_s, log_ls, ent, logprob = stats[0], stats[1], stats[2], stats[3]
         if x.teacher == "dense":
             distill = stats[4]
@@ -115,7 +116,7 @@ class _FusedAtodLoss(torch.autograd.Function):
         ctx.save_for_backward(idx, hs, ws, bs, ht, wt, bt, tgt, ids, phat, stats, c_lp.contiguous(),
                               lam.contiguous(), denom)
         ctx.x = x
-        ctx.kernel_teacher = kernel_teacher
+        ctx.kernel = dict(teacher=kernel_teacher, divergence=kernel_div)
         ctx.meta = [None if t is None else (t.shape, t.dtype) for t in (h_s, w_s, b_s)]
         return out[0].sum() / denom
 
@@ -130,7 +131,7 @@ class _FusedAtodLoss(torch.autograd.Function):
         scale = (g.float() / denom / hp.temperature).reshape(1)
         ent_coef = torch.full_like(lam, hp.entropy_coef)
         gh, gw, gb = fused_grad(hs, ws, bs, ht, wt, bt, tgt, ids, phat, stats, c_lp, lam, ent_coef, scale,
-                                teacher=ctx.kernel_teacher, divergence=hp.divergence, jsd_beta=hp.jsd_beta,
+                                **ctx.kernel, jsd_beta=hp.jsd_beta,
                                 temperature=hp.temperature,
                                 need_h=need_h, need_w=need_w, need_b=need_b and bs is not None)
         (h_shape, h_dt), (w_shape, w_dt), b_meta = ctx.meta
