@@ -18,7 +18,11 @@ def nan_filled_buffers(monkeypatch):
 
 def make_case(n=37, h=48, v=1000, *, ht=None, vt=None, teacher="dense", k=8, bias=True, teacher_bias=True,
               ref=True, masked_frac=0.25, dtype=torch.float32, seed=0, device="cpu", logit_scale=1.0):
-    """Inputs as keyword arguments for ``atod_loss``; old log-probs are near the current ones."""
+    """Inputs as keyword arguments for ``atod_loss``; old log-probs are near the current ones.
+
+    teacher: "dense" (hidden + head), "logits" (teacher_logits [n, vt + 3]), "sparse" (top-k),
+    "sampled" (teacher_logprobs, for divergence="sampled_reverse_kl") or "none".
+    """
     g = torch.Generator().manual_seed(seed)
 
     def rnd(*shape, scale=1.0):
@@ -50,4 +54,10 @@ def make_case(n=37, h=48, v=1000, *, ht=None, vt=None, teacher="dense", k=8, bia
         kw["teacher_topk_ids"] = torch.stack(
             [torch.randperm(min(v, vt), generator=g)[:k] for _ in range(n)]).to(device)
         kw["teacher_topk_logprobs"] = torch.log_softmax(rnd(n, k, scale=2.0).float(), -1).to(device)
+    elif teacher == "logits":
+        # Wider than the vocabulary in use (a teacher head padded further): only the first columns count.
+        kw["teacher_logits"] = rnd(n, vt + 3, scale=logit_scale)
+    elif teacher == "sampled":
+        # Teacher log-probs of the targets within ±1 of the old ones: D takes both signs.
+        kw["teacher_logprobs"] = kw["old_logprobs"] + rnd(n).float().clamp(-1, 1)
     return kw

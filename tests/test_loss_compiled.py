@@ -30,7 +30,8 @@ def compiled_path(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("name", ["jsd", "dual_clip_temperature", "sparse", "no_teacher"])
+@pytest.mark.parametrize("name", ["jsd", "dual_clip_temperature", "sparse", "no_teacher", "sampled", "sampled_no_old",
+                                  "distill_only"])
 def test_compiled_rows_match_reference(compiled_path, name):
     c = CASES[name]
     kw = make_case(**c["case"], seed=list(CASES).index(name))

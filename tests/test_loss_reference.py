@@ -254,14 +254,16 @@ def _bad(**changes):
         (dict(target_ids=torch.tensor([0, 1, 2, 3, 4, -1])), {}, "target_ids"),
         (dict(target_ids=torch.zeros(6)), {}, "target_ids must be an integer"),
         (dict(lam=torch.tensor([0.0, 0.5, 1.0, 1.5, 0.2, 0.2])), {}, r"lam must be in \[0, 1\]"),
-        (dict(loss_mask=torch.ones(6)), {}, "loss_mask must be a bool"),
+        (dict(loss_mask=torch.ones(6)), {}, "loss_mask must be a bool or integer"),
+        (dict(loss_mask=torch.tensor([1, 1, 0, 2, 1, 1])), {}, "integer loss_mask must hold only 0 and 1, found 2"),
+        (dict(lam=None), {}, "lam is required when advantages are given"),
         (dict(teacher_weight=torch.zeros(20, 7)), {}, "teacher_weight.*Ht=7"),
         (dict(teacher_hidden=torch.zeros(5, 8)), {}, "teacher_hidden.*N=6"),
         (dict(teacher_weight=torch.zeros(22, 8), teacher_bias=None), {}, r"V=20.*Vt=22"),
         (dict(ref_logprobs=torch.zeros(3)), {}, "ref_logprobs"),
         ({}, dict(divergence="kl"), "divergence"),
-        ({}, dict(divergence="jsd", jsd_beta=1.0), "jsd_beta"),
-        ({}, dict(jsd_beta=0.0), "jsd_beta"),
+        ({}, dict(divergence="jsd", jsd_beta=1.5), r"jsd_beta must be in \[0.0, 1.0\]"),
+        ({}, dict(jsd_beta=-0.1), "jsd_beta"),
         ({}, dict(temperature=0.0), "temperature"),
         ({}, dict(temperature=-1.0), "temperature"),
         ({}, dict(dual_clip=1.0), "dual_clip"),
@@ -284,7 +286,7 @@ def test_sparse_teacher_validation():
     with pytest.raises(ValueError, match="forward_kl"):
         atod_loss(**kw, divergence="reverse_kl")
     dense = make_case(n=6, h=8, v=20)
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="one teacher only"):
         atod_loss(**kw, teacher_hidden=dense["teacher_hidden"], teacher_weight=dense["teacher_weight"],
                   divergence="forward_kl")
     bad_ids = kw["teacher_topk_ids"].clone()

@@ -21,12 +21,15 @@ def test_public_api_signatures():
     positional = [n for n, p in params.items() if p.kind is p.POSITIONAL_OR_KEYWORD]
     assert positional == ["student_hidden", "student_weight", "target_ids", "old_logprobs", "advantages",
                           "lam", "loss_mask"]
+    # The PPO inputs and the mask are optional (distillation alone), still positional.
+    assert all(params[n].default is None for n in positional[3:])
+    assert all(params[n].default is inspect.Parameter.empty for n in positional[:3])
     keyword = {n: p.default for n, p in params.items() if p.kind is p.KEYWORD_ONLY}
     assert keyword == dict(
         student_bias=None, teacher_hidden=None, teacher_weight=None, teacher_bias=None, teacher_topk_ids=None,
-        teacher_topk_logprobs=None, ref_logprobs=None, divergence="reverse_kl", jsd_beta=0.5, temperature=1.0,
-        clip_eps_low=0.2, clip_eps_high=0.2, dual_clip=None, kl_coef=0.0, entropy_coef=0.0, normalizer=None,
-        vocab_size=None, backend="auto", chunk_size=None,
+        teacher_topk_logprobs=None, teacher_logits=None, teacher_logprobs=None, ref_logprobs=None,
+        divergence="reverse_kl", jsd_beta=0.5, temperature=1.0, clip_eps_low=0.2, clip_eps_high=0.2, dual_clip=None,
+        kl_coef=0.0, entropy_coef=0.0, normalizer=None, vocab_size=None, backend="auto", chunk_size=None,
     )
     s = inspect.signature(AnnealSchedule).parameters
     assert [n for n, p in s.items() if p.kind is p.POSITIONAL_OR_KEYWORD] == ["total_steps", "turn_horizon"]

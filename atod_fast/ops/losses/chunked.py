@@ -17,7 +17,7 @@ import torch
 from atod_fast.kernels.codes import OUT_FIELDS
 
 from .inputs import LossInputs
-from .rows_compiled import COMPILED_ROW_BUFFERS, compiled_rows, use_compiled
+from .rows_compiled import COMPILED_ROW_BUFFERS, compiled_rows, row_slice, use_compiled
 from .rowwise import TORCH_ROW_BUFFERS, torch_rows
 
 HALF = (torch.bfloat16, torch.float16)
@@ -25,6 +25,35 @@ CPU_BUDGET_BYTES = 256 << 20
 """Working-set budget of one chunk on the CPU (there is no free-memory query worth trusting)."""
 GPU_BUDGET_BYTES = (256 << 20, 4 << 30)
 """On CUDA the chunk gets a quarter of the free memory, clamped to this range."""
+TRITON_PENDING = frozenset({"sampled_reverse_kl", "old_logprobs=None", "teacher_entropy"})
+"""What the Triton row kernel (kernels/atod_loss.py) does not compute yet. The first two are refused
+with a ValueError rather than answered wrongly; a missing ``teacher_entropy`` row is filled here from
+the chunk's logits. Remove an entry when the kernel gains it."""
+
+
+def pending_features(x: LossInputs) -> list[str]:
+    """The features of this call, by the names of ``TRITON_PENDING`` (and of fused.FUSED_PENDING)."""
+    used = []
+    if x.hp.divergence == "sampled_reverse_kl":
+        used.append("sampled_reverse_kl")
+    if x.old_logprobs is None:
+        used.append("old_logprobs=None")
+    if x.teacher_logits is not None:
+        used.append("teacher_logits")
+    return used
+
+
+def refuse_pending(backend: str, x: LossInputs, pending) -> None:
+    missing = [f for f in pending_features(x) if f in pending]
+    if missing:
+        raise ValueError(f"backend={backend!r} does not support {', '.join(missing)} yet; "
+                         "use backend='torch' (or 'reference') for this call")
+
+
+def teacher_entropy_rows(zt: torch.Tensor, temperature: float) -> torch.Tensor:
+    """−Σ p_t log p_t per row of raw teacher logits (a host fallback for kernels without it). [R, V] -> [R]"""
+    lpt = torch.log_softmax(zt / temperature if temperature != 1.0 else zt, dim=-1)
+    return -(lpt.exp() * lpt).sum(-1)
 
 
 def mm_acc(a: torch.Tensor, b: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
@@ -97,11 +126,12 @@ def _compiled_or_eager(zs, *args, **kw):
         return out
     step = max(1, zs.shape[0] * COMPILED_ROW_BUFFERS // TORCH_ROW_BUFFERS)
     outs = []
+    *rows, scale = args
+    tlp = kw.pop("teacher_logprobs", None)
     for i in range(0, zs.shape[0], step):
-        sl = slice(i, i + step)
-        zt, tgt, old, adv, lam, ref, sp, scale = args
-        outs.append(torch_rows(zs[sl], None if zt is None else zt[sl], tgt[sl], old[sl], adv[sl], lam[sl],
-                               None if ref is None else ref[sl], None if sp is None else sp[sl], scale, **kw))
+        j = i + step
+        outs.append(torch_rows(zs[i:j], *(row_slice(t, i, j) for t in rows), scale,
+                               teacher_logprobs=row_slice(tlp, i, j), **kw))
     return torch.cat(outs, dim=1)
 
 
@@ -154,7 +184,9 @@ class _ChunkedAtodLoss(torch.autograd.Function):
         scale = (1.0 / hp.temperature / denom).reshape(1)
 
         student = Head(w_s, b_s, vocab, dt)
-        teacher = Head(x.teacher_weight, x.teacher_bias, vocab, dt) if x.teacher == "dense" else None
+        teacher = None
+        if x.teacher == "dense" and x.teacher_logits is None:
+            teacher = Head(x.teacher_weight, x.teacher_bias, vocab, dt)
         grad_h = torch.zeros(n_live, hdim, dtype=dt, device=dev) if need_h else None
         grad_w = torch.zeros(vocab, hdim, dtype=dt, device=dev) if need_w else None
         grad_b = torch.zeros(vocab, dtype=dt, device=dev) if need_b and b_s is not None else None
@@ -162,9 +194,18 @@ class _ChunkedAtodLoss(torch.autograd.Function):
         # Only live rows are gathered: padding garbage (-100 targets, NaN advantages) never enters.
         h_live = h_s.detach().index_select(0, idx)
         tgt = x.target_ids.index_select(0, idx).contiguous()
-        old, adv, lam = (t.detach().index_select(0, idx).to(dt) for t in (x.old_logprobs, x.advantages, x.lam))
-        ref = None if x.ref_logprobs is None else x.ref_logprobs.detach().index_select(0, idx).to(dt)
+
+        def rows(t):  # the live rows of an optional per-row input, in dt
+            return None if t is None else t.detach().index_select(0, idx).to(dt)
+
+        old, adv, lam, ref, tlp = (rows(t) for t in (x.old_logprobs, x.advantages, x.lam, x.ref_logprobs,
+                                                     x.teacher_logprobs))
+        if adv is None and kind == "triton":  # the kernel reads an advantage per row; 0 means no PPO term
+            adv = torch.zeros_like(lam)
         ht = None if teacher is None else x.teacher_hidden.detach().index_select(0, idx)
+        # Given teacher logits: the first `vocab` columns of the live rows, copied per chunk (the row
+        # function overwrites its zt).
+        zt_given = None if x.teacher_logits is None else x.teacher_logits.detach()[:, :vocab]
         if x.teacher == "sparse":
             ids = x.teacher_topk_ids.index_select(0, idx)
             lp_hat = torch.log_softmax(x.teacher_topk_logprobs.detach().index_select(0, idx).to(dt), dim=-1)
@@ -182,21 +223,35 @@ class _ChunkedAtodLoss(torch.autograd.Function):
 
         zs_buf = buffer(student)
         zt_buf = None if teacher is None else buffer(teacher)
+        if zt_given is not None and zt_given.dtype == dt:
+            zt_buf = torch.empty(min(chunk, n_live), vocab, dtype=dt, device=dev)
+        kw = dict(teacher=x.teacher, divergence=hp.divergence, jsd_beta=hp.jsd_beta, temperature=hp.temperature,
+                  clip_eps_low=hp.clip_eps_low, clip_eps_high=hp.clip_eps_high, dual_clip=hp.dual_clip,
+                  kl_coef=hp.kl_coef, entropy_coef=hp.entropy_coef, write_grad=write_grad)
+        fill_teacher_entropy = kind == "triton" and "teacher_entropy" in TRITON_PENDING
         for s in range(0, n_live, chunk):
             e = min(s + chunk, n_live)
             hc = h_live[s:e]
             zs = student.logits(hc, zs_buf)
-            zt = None if teacher is None else teacher.logits(ht[s:e], zt_buf)
+            if zt_buf is not None and teacher is None:  # given logits, gathered into the reused buffer
+                zt = torch.index_select(zt_given, 0, idx[s:e], out=zt_buf[: e - s])
+            elif zt_given is not None:
+                zt = zt_given.index_select(0, idx[s:e]).to(dt)
+            else:
+                zt = None if teacher is None else teacher.logits(ht[s:e], zt_buf)
+            ent_t = None
+            if fill_teacher_entropy and zt is not None:
+                ent_t = teacher_entropy_rows(zt, hp.temperature)  # before the row function may overwrite zt
             sp = None
             if x.teacher == "sparse":
                 z_id = zs.gather(1, ids[s:e]) * (1.0 / hp.temperature)
                 ph = p_hat[s:e]
                 sp = torch.stack([plogp[s:e].sum(-1), (ph * z_id).sum(-1), ph.sum(-1)], dim=1).contiguous()
-            o = rows_fn(zs, zt, tgt[s:e], old[s:e], adv[s:e], lam[s:e], None if ref is None else ref[s:e], sp,
-                        scale, teacher=x.teacher, divergence=hp.divergence, jsd_beta=hp.jsd_beta,
-                        temperature=hp.temperature, clip_eps_low=hp.clip_eps_low, clip_eps_high=hp.clip_eps_high,
-                        dual_clip=hp.dual_clip, kl_coef=hp.kl_coef, entropy_coef=hp.entropy_coef,
-                        write_grad=write_grad)
+            if tlp is not None:  # only a row function that has the sampled teacher gets the keyword
+                kw["teacher_logprobs"] = tlp[s:e]
+            o = rows_fn(zs, zt, tgt[s:e], *(row_slice(t, s, e) for t in (old, adv, lam, ref)), sp, scale, **kw)
+            if fill_teacher_entropy:  # −Σ p̂ log p̂ for a sparse teacher, as the row functions report it
+                o[7] = -sp[:, 0] if sp is not None else (0.0 if ent_t is None else ent_t)
             out.index_copy_(1, idx[s:e], o.to(dt))
             if not write_grad:
                 continue
@@ -236,6 +291,8 @@ class _ChunkedAtodLoss(torch.autograd.Function):
 
 def atod_loss_chunked(x: LossInputs, kind: str):
     """The ``torch`` (kind="torch") and ``triton`` (kind="triton") backends of ``atod_loss``."""
+    if kind == "triton":
+        refuse_pending("triton", x, TRITON_PENDING)
     sink: dict = {}
     loss = _ChunkedAtodLoss.apply(x.student_hidden, x.student_weight, x.student_bias, x, kind, sink)
     return loss, sink

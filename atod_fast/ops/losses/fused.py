@@ -4,6 +4,9 @@ The forward kernel returns 8 statistics per live row; the per-row PPO / k3 / λ 
 O(N) work done here with the same ``ppo_rows`` as the torch backend. The backward kernel
 recomputes the logits tiles and accumulates the gradients; it needs grad_output, so it runs in
 the backward (unlike the chunked backends, which form the gradient in the forward).
+
+A sampled teacher (``sampled_reverse_kl``) needs no kernel support: its D depends on the target's
+log-prob only, so the kernels run without a teacher and λ·D reaches the gradient through c_lp.
 """
 
 from __future__ import annotations
@@ -12,8 +15,27 @@ import torch
 
 from atod_fast.kernels.codes import OUT_FIELDS
 
+from .chunked import Head, refuse_pending, teacher_entropy_rows
 from .inputs import LossInputs
-from .rowwise import ppo_rows
+from .rowwise import ppo_rows, sampled_rows
+
+FUSED_PENDING = frozenset({"teacher_logits", "teacher_entropy"})
+"""What the fused kernels (kernels/atod_loss_fused.py) do not compute yet: ``teacher_logits`` is refused
+with a ValueError; a dense teacher's entropy is computed here, in chunks of teacher logits. Remove an
+entry when the kernels gain it."""
+TEACHER_ENTROPY_CHUNK = 256
+"""Rows of teacher logits per chunk of that host fallback."""
+
+
+def dense_teacher_entropy(x: LossInputs, idx: torch.Tensor) -> torch.Tensor:
+    """−Σ p_t log p_t of the dense teacher on rows ``idx``, float32, a chunk of rows at a time. -> [len(idx)]"""
+    head = Head(x.teacher_weight, x.teacher_bias, x.vocab, torch.float32)
+    ht = x.teacher_hidden.detach()
+    # At most Ht rows: a chunk of logits is then never larger than the teacher's head itself.
+    c = max(1, min(TEACHER_ENTROPY_CHUNK, ht.shape[1]))
+    parts = [teacher_entropy_rows(head.logits(ht.index_select(0, idx[s:s + c])), x.hp.temperature)
+             for s in range(0, idx.numel(), c)]
+    return torch.cat(parts) if parts else torch.zeros(0, device=idx.device)
 
 
 def operands(weight, bias, hidden, vocab):
@@ -50,8 +72,14 @@ class _FusedAtodLoss(torch.autograd.Function):
             ht, wt, bt = operands(x.teacher_weight, x.teacher_bias, x.teacher_hidden.detach().index_select(0, idx),
                                    x.vocab)
         tgt = x.target_ids.index_select(0, idx).contiguous()
-        old, adv, lam = (t.detach().index_select(0, idx).to(f32) for t in (x.old_logprobs, x.advantages, x.lam))
-        ref = None if x.ref_logprobs is None else x.ref_logprobs.detach().index_select(0, idx).to(f32)
+
+        def rows(t):  # the live rows of an optional per-row input, in float32
+            return None if t is None else t.detach().index_select(0, idx).to(f32)
+
+        old, adv, lam, ref, tlp = (rows(t) for t in (x.old_logprobs, x.advantages, x.lam, x.ref_logprobs,
+                                                     x.teacher_logprobs))
+        # The kernels see no teacher for a sampled one (its divergence name is then unused by them).
+        kernel_teacher, kernel_div = ("none", "reverse_kl") if x.teacher == "sampled" else (x.teacher, hp.divergence)
         if x.teacher == "sparse":
             ids = x.teacher_topk_ids.index_select(0, idx).contiguous()
             lp_hat = torch.log_softmax(x.teacher_topk_logprobs.detach().index_select(0, idx).to(f32), dim=-1)
@@ -59,24 +87,28 @@ class _FusedAtodLoss(torch.autograd.Function):
             phat = torch.where(pos, lp_hat.exp(), torch.zeros_like(lp_hat)).contiguous()
             plogp = torch.where(pos, phat * lp_hat, torch.zeros_like(lp_hat)).sum(-1)
 
-        stats = fused_stats(hs, ws, bs, ht, wt, bt, tgt, ids, phat, teacher=x.teacher, divergence=hp.divergence,
-                            jsd_beta=hp.jsd_beta, temperature=hp.temperature)
+        stats = fused_stats(hs, ws, bs, ht, wt, bt, tgt, ids, phat, teacher=kernel_teacher,
+                            divergence=kernel_div, jsd_beta=hp.jsd_beta, temperature=hp.temperature)
         m_s, log_ls, ent, logprob = stats[0], stats[1], stats[2], stats[3]
         if x.teacher == "dense":
             distill = stats[4]
+            ent_t = dense_teacher_entropy(x, idx)
         elif x.teacher == "sparse":
             s_hat = phat.sum(-1)
             distill = plogp - stats[4] + s_hat * (m_s + log_ls)
             stats[4] = distill
             stats[5] = s_hat  # the gradient kernel reads Σ p̂ from this row
+            ent_t = -plogp
+        elif x.teacher == "sampled":
+            distill, ent_t = sampled_rows(logprob, old, tlp), -tlp
         else:
-            distill = torch.zeros_like(ent)
+            distill = ent_t = torch.zeros_like(ent)
         loss_rows, pg, kl, clipped, c_lp = ppo_rows(
             logprob, old, adv, lam, ref, distill, ent, clip_eps_low=hp.clip_eps_low, clip_eps_high=hp.clip_eps_high,
-            dual_clip=hp.dual_clip, kl_coef=hp.kl_coef, entropy_coef=hp.entropy_coef)
+            dual_clip=hp.dual_clip, kl_coef=hp.kl_coef, entropy_coef=hp.entropy_coef, sampled=x.teacher == "sampled")
 
         out = torch.zeros(len(OUT_FIELDS), n, dtype=f32, device=dev)
-        per_row = torch.stack([loss_rows, logprob, ent, distill, pg, kl, clipped.to(f32)])
+        per_row = torch.stack([loss_rows, logprob, ent, distill, pg, kl, clipped.to(f32), ent_t])
         out.index_copy_(1, idx, per_row)
         for i, name in enumerate(OUT_FIELDS[1:], start=1):
             sink[name] = out[i] > 0.5 if name == "clipped" else out[i]
@@ -84,6 +116,7 @@ class _FusedAtodLoss(torch.autograd.Function):
         ctx.save_for_backward(idx, hs, ws, bs, ht, wt, bt, tgt, ids, phat, stats, c_lp.contiguous(),
                               lam.contiguous(), denom)
         ctx.x = x
+        ctx.kernel = dict(teacher=kernel_teacher, divergence=kernel_div)
         ctx.meta = [None if t is None else (t.shape, t.dtype) for t in (h_s, w_s, b_s)]
         return out[0].sum() / denom
 
@@ -98,7 +131,7 @@ class _FusedAtodLoss(torch.autograd.Function):
         scale = (g.float() / denom / hp.temperature).reshape(1)
         ent_coef = torch.full_like(lam, hp.entropy_coef)
         gh, gw, gb = fused_grad(hs, ws, bs, ht, wt, bt, tgt, ids, phat, stats, c_lp, lam, ent_coef, scale,
-                                teacher=x.teacher, divergence=hp.divergence, jsd_beta=hp.jsd_beta,
+                                **ctx.kernel, jsd_beta=hp.jsd_beta,
                                 temperature=hp.temperature,
                                 need_h=need_h, need_w=need_w, need_b=need_b and bs is not None)
         (h_shape, h_dt), (w_shape, w_dt), b_meta = ctx.meta
@@ -117,6 +150,7 @@ class _FusedAtodLoss(torch.autograd.Function):
 
 def atod_loss_fused(x: LossInputs):
     """The ``triton_fused`` backend of ``atod_loss``."""
+    refuse_pending("triton_fused", x, FUSED_PENDING)
     sink: dict = {}
     loss = _FusedAtodLoss.apply(x.student_hidden, x.student_weight, x.student_bias, x, sink)
     return loss, sink

@@ -4,6 +4,12 @@ Every backend receives the same validated :class:`LossInputs`, so a bad argument
 same error whichever implementation would have run. Checks that look at values (target
 ids in range, λ in [0, 1]) only look at rows with ``loss_mask`` True: padded rows commonly
 carry an ignore index such as -100, and masked rows never reach the loss.
+
+Normalization done here, once, so no backend repeats it: ``lam`` None becomes ones, ``loss_mask``
+None all True and an integer mask bool; ``divergence="jsd"`` with ``jsd_beta`` 0 or 1 becomes
+``forward_kl`` or ``reverse_kl`` (the limits of the generalized JSD, as TRL and Liger define them).
+``old_logprobs`` and ``advantages`` stay None when absent: every backend reads None as "the
+current log-probs" and "no PPO term".
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
+DIVERGENCES = ("reverse_kl", "forward_kl", "jsd", "sampled_reverse_kl")
 
 
 @dataclass(frozen=True)
@@ -34,16 +40,16 @@ class LossInputs:
     """Validated inputs of one ``atod_loss`` call.
 
     ``vocab`` is the number of head rows in use (``vocab_size`` or the common V). The
-    teacher is ``"dense"`` (hidden + weight), ``"sparse"`` (top-k ids + log-probs) or
-    ``"none"``.
+    teacher is ``"dense"`` (hidden + weight, or ``teacher_logits``), ``"sparse"`` (top-k ids +
+    log-probs), ``"sampled"`` (``teacher_logprobs`` of the targets) or ``"none"``.
     """
 
     student_hidden: torch.Tensor      # [N, H]
     student_weight: torch.Tensor      # [V, H]
     student_bias: torch.Tensor | None  # [V]
     target_ids: torch.Tensor          # [N] int64
-    old_logprobs: torch.Tensor        # [N]
-    advantages: torch.Tensor          # [N]
+    old_logprobs: torch.Tensor | None  # [N]; None: the current log-probs, detached (ratio 1)
+    advantages: torch.Tensor | None   # [N]; None: no PPO term (pg = 0, never clipped)
     lam: torch.Tensor                 # [N]
     loss_mask: torch.Tensor           # [N] bool
     teacher: str
@@ -52,6 +58,8 @@ class LossInputs:
     teacher_bias: torch.Tensor | None
     teacher_topk_ids: torch.Tensor | None
     teacher_topk_logprobs: torch.Tensor | None
+    teacher_logits: torch.Tensor | None    # [N, V'], V' >= vocab; a dense teacher's raw logits
+    teacher_logprobs: torch.Tensor | None  # [N]; the sampled teacher's log p_t(target)
     ref_logprobs: torch.Tensor | None
     normalizer: float | torch.Tensor | None
     vocab: int
@@ -99,27 +107,29 @@ def _number(name, v, *, lo=None, hi=None, lo_open=False, hi_open=False):
 def validate(
     student_hidden, student_weight, target_ids, old_logprobs, advantages, lam, loss_mask, *,
     student_bias, teacher_hidden, teacher_weight, teacher_bias, teacher_topk_ids, teacher_topk_logprobs,
-    ref_logprobs, divergence, jsd_beta, temperature, clip_eps_low, clip_eps_high, dual_clip,
-    kl_coef, entropy_coef, normalizer, vocab_size, chunk_size,
+    teacher_logits=None, teacher_logprobs=None, ref_logprobs, divergence, jsd_beta, temperature, clip_eps_low,
+    clip_eps_high, dual_clip, kl_coef, entropy_coef, normalizer, vocab_size, chunk_size,
 ) -> LossInputs:
     """Check every argument of ``atod_loss`` and return them normalized."""
     h, w, v_student = _check_student(student_hidden, student_weight, student_bias)
     n = h.shape[0]
-    target_ids, loss_mask = _check_rows(n, target_ids, old_logprobs, advantages, lam, loss_mask, ref_logprobs)
+    target_ids, lam, loss_mask = _check_rows(n, h.device, target_ids, old_logprobs, advantages, lam, loss_mask,
+                                             ref_logprobs)
     hp = _check_hyper(divergence=divergence, jsd_beta=jsd_beta, temperature=temperature, clip_eps_low=clip_eps_low,
                       clip_eps_high=clip_eps_high, dual_clip=dual_clip, kl_coef=kl_coef, entropy_coef=entropy_coef)
     _check_chunk_size(chunk_size)
     normalizer = _check_normalizer(normalizer)
-    teacher, v_teacher = _check_teacher(n, divergence, teacher_hidden, teacher_weight, teacher_bias,
-                                        teacher_topk_ids, teacher_topk_logprobs)
-    vocab = _resolve_vocab(vocab_size, v_student, v_teacher)
+    teacher, v_teacher = _check_teacher(n, hp.divergence, teacher_hidden, teacher_weight, teacher_bias,
+                                        teacher_topk_ids, teacher_topk_logprobs, teacher_logits, teacher_logprobs)
+    vocab = _resolve_vocab(vocab_size, v_student, v_teacher, teacher_logits is not None)
     _check_live_values(n, loss_mask, target_ids, lam, teacher_topk_ids if teacher == "sparse" else None, vocab)
     return LossInputs(
         student_hidden=h, student_weight=w, student_bias=student_bias, target_ids=target_ids.long(),
         old_logprobs=old_logprobs, advantages=advantages, lam=lam, loss_mask=loss_mask,
         teacher=teacher, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, teacher_bias=teacher_bias,
         teacher_topk_ids=None if teacher_topk_ids is None else teacher_topk_ids.long(),
-        teacher_topk_logprobs=teacher_topk_logprobs, ref_logprobs=ref_logprobs, normalizer=normalizer,
+        teacher_topk_logprobs=teacher_topk_logprobs, teacher_logits=teacher_logits,
+        teacher_logprobs=teacher_logprobs, ref_logprobs=ref_logprobs, normalizer=normalizer,
         vocab=vocab, hp=hp, chunk_size=chunk_size,
     )
 
@@ -140,30 +150,49 @@ def _check_student(student_hidden, student_weight, student_bias):
     return h, w, v_student
 
 
-def _check_rows(n, target_ids, old_logprobs, advantages, lam, loss_mask, ref_logprobs):
-    """The per-row inputs: one entry per row of student_hidden."""
+def _check_rows(n, device, target_ids, old_logprobs, advantages, lam, loss_mask, ref_logprobs):
+    """The per-row inputs: one entry per row of student_hidden. -> (target_ids, lam, bool loss_mask)"""
     target_ids = _tensor("target_ids", target_ids, 1)
     if target_ids.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"target_ids must be an integer tensor (int64), got dtype {target_ids.dtype}")
     _rows("target_ids", target_ids, n)
-    for name, x in (("old_logprobs", old_logprobs), ("advantages", advantages), ("lam", lam)):
-        _tensor(name, x, 1, floating=True)
-        _rows(name, x, n)
+    if lam is None and advantages is not None:
+        raise ValueError("lam is required when advantages are given (it weighs distillation against PPO); "
+                         "it may be None only without advantages, where it defaults to 1 (distillation alone)")
+    for name, x in (("old_logprobs", old_logprobs), ("advantages", advantages), ("lam", lam),
+                    ("ref_logprobs", ref_logprobs)):
+        if x is not None:
+            _tensor(name, x, 1, floating=True)
+            _rows(name, x, n)
+    if lam is None:
+        lam = torch.ones(n, dtype=torch.float32, device=device)
+    return target_ids, lam, _check_loss_mask(n, device, loss_mask)
+
+
+def _check_loss_mask(n, device, loss_mask) -> torch.Tensor:
+    """bool [N]: None counts every row; an integer mask (TRL's attention-style 0/1) must hold only 0 and 1."""
+    if loss_mask is None:
+        return torch.ones(n, dtype=torch.bool, device=device)
     loss_mask = _tensor("loss_mask", loss_mask, 1)
-    if loss_mask.dtype != torch.bool:
-        raise ValueError(f"loss_mask must be a bool tensor, got dtype {loss_mask.dtype}")
+    if loss_mask.dtype.is_floating_point or loss_mask.dtype.is_complex:
+        raise ValueError(f"loss_mask must be a bool or integer (0/1) tensor, got dtype {loss_mask.dtype}")
     _rows("loss_mask", loss_mask, n)
-    if ref_logprobs is not None:
-        _tensor("ref_logprobs", ref_logprobs, 1, floating=True)
-        _rows("ref_logprobs", ref_logprobs, n)
-    return target_ids, loss_mask
+    if loss_mask.dtype != torch.bool:
+        bad = (loss_mask != 0) & (loss_mask != 1)
+        if bool(bad.any()):
+            raise ValueError(f"an integer loss_mask must hold only 0 and 1, found {int(loss_mask[bad][0])}")
+        loss_mask = loss_mask != 0
+    return loss_mask
 
 
 def _check_hyper(*, divergence, jsd_beta, temperature, clip_eps_low, clip_eps_high, dual_clip, kl_coef,
                  entropy_coef) -> Hyper:
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {list(DIVERGENCES)}, got {divergence!r}")
-    jsd_beta = _number("jsd_beta", jsd_beta, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+    jsd_beta = _number("jsd_beta", jsd_beta, lo=0.0, hi=1.0)
+    if divergence == "jsd" and jsd_beta in (0.0, 1.0):
+        # The limits of the generalized JSD (TRL, Liger): β = 0 is KL(p_t‖p_s), β = 1 is KL(p_s‖p_t).
+        divergence = "forward_kl" if jsd_beta == 0.0 else "reverse_kl"
     temperature = _number("temperature", temperature, lo=0.0, lo_open=True)
     clip_eps_low = _number("clip_eps_low", clip_eps_low, lo=0.0, hi=1.0)
     clip_eps_high = _number("clip_eps_high", clip_eps_high, lo=0.0)
@@ -192,19 +221,45 @@ def _check_normalizer(normalizer):
     return _number("normalizer", normalizer, lo=0.0, lo_open=True)
 
 
+TEACHER_INPUTS = {
+    "dense": "teacher_hidden/teacher_weight/teacher_bias",
+    "logits": "teacher_logits",
+    "sparse": "teacher_topk_ids/teacher_topk_logprobs",
+    "sampled": "teacher_logprobs",
+}
+
+
 def _check_teacher(n, divergence, teacher_hidden, teacher_weight, teacher_bias, teacher_topk_ids,
-                   teacher_topk_logprobs) -> tuple[str, int | None]:
-    """``(kind, Vt)``: kind "dense", "sparse" or "none"; Vt the dense teacher head's rows."""
-    dense = teacher_hidden is not None or teacher_weight is not None or teacher_bias is not None
-    sparse = teacher_topk_ids is not None or teacher_topk_logprobs is not None
-    if dense and sparse:
-        raise ValueError("pass either a dense teacher (teacher_hidden, teacher_weight) or a sparse one "
-                         "(teacher_topk_ids, teacher_topk_logprobs), not both")
-    if dense:
+                   teacher_topk_logprobs, teacher_logits, teacher_logprobs) -> tuple[str, int | None]:
+    """``(kind, Vt)``: kind "dense", "sparse", "sampled" or "none"; Vt the dense teacher's vocabulary
+    (head rows, or teacher_logits columns)."""
+    given = [k for k, on in (
+        ("dense", teacher_hidden is not None or teacher_weight is not None or teacher_bias is not None),
+        ("logits", teacher_logits is not None),
+        ("sparse", teacher_topk_ids is not None or teacher_topk_logprobs is not None),
+        ("sampled", teacher_logprobs is not None)) if on]
+    if len(given) > 1:
+        raise ValueError("pass one teacher only, got " + " and ".join(TEACHER_INPUTS[k] for k in given))
+    kind = given[0] if given else "none"
+    if divergence == "sampled_reverse_kl" and kind != "sampled":
+        raise ValueError("divergence='sampled_reverse_kl' needs teacher_logprobs [N] (the teacher's log-prob of "
+                         "each target id) and no other teacher input"
+                         + (f", got {TEACHER_INPUTS[kind]}" if kind != "none" else ""))
+    if kind == "sampled" and divergence != "sampled_reverse_kl":
+        raise ValueError(f"teacher_logprobs is the input of divergence='sampled_reverse_kl' only, got {divergence!r}")
+    if kind == "dense":
         return "dense", _check_dense_teacher(n, teacher_hidden, teacher_weight, teacher_bias)
-    if sparse:
+    if kind == "logits":
+        _tensor("teacher_logits", teacher_logits, 2, floating=True)
+        _rows("teacher_logits", teacher_logits, n)
+        return "dense", teacher_logits.shape[1]
+    if kind == "sparse":
         _check_sparse_teacher(n, divergence, teacher_topk_ids, teacher_topk_logprobs)
         return "sparse", None
+    if kind == "sampled":
+        _tensor("teacher_logprobs", teacher_logprobs, 1, floating=True)
+        _rows("teacher_logprobs", teacher_logprobs, n)
+        return "sampled", None
     return "none", None
 
 
@@ -243,7 +298,14 @@ def _check_sparse_teacher(n, divergence, teacher_topk_ids, teacher_topk_logprobs
         raise ValueError(f"a sparse (top-k) teacher supports divergence='forward_kl' only, got {divergence!r}")
 
 
-def _resolve_vocab(vocab_size, v_student: int, v_teacher: int | None) -> int:
+def _resolve_vocab(vocab_size, v_student: int, v_teacher: int | None, teacher_logits: bool) -> int:
+    if teacher_logits:
+        # Logits of a teacher whose head is padded further than the student's: the first columns are used.
+        vocab = _resolve_vocab(vocab_size, v_student, None, False)
+        if v_teacher < vocab:
+            raise ValueError(f"teacher_logits has {v_teacher} columns, fewer than the {vocab} vocabulary entries "
+                             "in use (student_weight rows or vocab_size)")
+        return vocab
     if vocab_size is None:
         if v_teacher is not None and v_teacher != v_student:
             raise ValueError(f"student head has V={v_student} rows but teacher head has Vt={v_teacher}; "

@@ -31,7 +31,8 @@ class AtodLoss(nn.Module):
         self.hyperparameters = dict(hyperparameters)
 
     def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor, target_ids: torch.Tensor,
-                old_logprobs: torch.Tensor, advantages: torch.Tensor, lam: torch.Tensor, loss_mask: torch.Tensor,
+                old_logprobs: torch.Tensor | None = None, advantages: torch.Tensor | None = None,
+                lam: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
                 **tensors) -> AtodLossOutput:
         clash = sorted(set(tensors) & set(HYPERPARAMETERS))
         if clash:

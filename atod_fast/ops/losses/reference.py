@@ -50,6 +50,12 @@ def divergence_sparse(logp_s: torch.Tensor, topk_ids: torch.Tensor, topk_logprob
     return term.sum(-1)
 
 
+def sampled_reverse_kl(logprob, old, teacher_logprobs):
+    """D = −(t − o)·e^(lp − o): a PPO surrogate with advantage t − o and no clip, so dD/d lp = D.
+    At o = lp its value is lp − t, a one-sample estimate of KL(p_s‖p_t) at the sampled token. -> [N]"""
+    return -(teacher_logprobs - old) * torch.exp(logprob - old)
+
+
 def ppo_terms(logprob, old, adv, ref, hp: Hyper):
     """Clipped surrogate, clipped flag and k3 KL per row. -> (pg, clipped, kl), each [N]"""
     ratio = torch.exp(logprob - old)
@@ -84,26 +90,43 @@ def atod_loss_reference(x: LossInputs):
         return torch.where(m, t.detach().to(dt), zero)
 
     target = torch.where(mask, x.target_ids, torch.zeros_like(x.target_ids))
-    old, adv, lam = live(x.old_logprobs), live(x.advantages), live(x.lam)
+    lam = live(x.lam)
     ref = None if x.ref_logprobs is None else live(x.ref_logprobs)
 
     z_s = head_logits(x.student_hidden, x.student_weight, x.student_bias, x.vocab, hp.temperature, dt)
     logp_s = torch.log_softmax(z_s, dim=-1)
     logprob = logp_s.gather(1, target[:, None]).squeeze(1)
     entropy = -(logp_s.exp() * logp_s).sum(-1)
+    # No old log-probs: the current ones, detached (ratio 1, gradient of the ratio still d lp).
+    old = logprob.detach() if x.old_logprobs is None else live(x.old_logprobs)
+    adv = torch.zeros_like(lam) if x.advantages is None else live(x.advantages)  # −0·r: pg 0, never clipped
 
     if x.teacher == "dense":
         with torch.no_grad():
-            z_t = head_logits(x.teacher_hidden.detach(), x.teacher_weight.detach(),
-                              None if x.teacher_bias is None else x.teacher_bias.detach(),
-                              x.vocab, hp.temperature, dt)
+            if x.teacher_logits is not None:
+                z_t = x.teacher_logits.detach()[:, : x.vocab].to(dt)
+                z_t = z_t / hp.temperature if hp.temperature != 1.0 else z_t
+            else:
+                z_t = head_logits(x.teacher_hidden.detach(), x.teacher_weight.detach(),
+                                  None if x.teacher_bias is None else x.teacher_bias.detach(),
+                                  x.vocab, hp.temperature, dt)
+            z_t = torch.where(mask[:, None], z_t, zero)  # padding rows of given logits may hold anything
             logp_t = torch.log_softmax(z_t, dim=-1)
+            teacher_entropy = -(logp_t.exp() * logp_t).sum(-1)
         distill = divergence_dense(logp_s, logp_t, hp.divergence, hp.jsd_beta)
     elif x.teacher == "sparse":
         ids = torch.where(mask[:, None], x.teacher_topk_ids, torch.zeros_like(x.teacher_topk_ids))
         distill = divergence_sparse(logp_s, ids, live(x.teacher_topk_logprobs))
+        logp_hat = torch.log_softmax(live(x.teacher_topk_logprobs), dim=-1)
+        p_hat = logp_hat.exp()
+        teacher_entropy = -torch.where(p_hat > 0, p_hat * logp_hat, torch.zeros_like(p_hat)).sum(-1)
+    elif x.teacher == "sampled":
+        t = live(x.teacher_logprobs)
+        distill = sampled_reverse_kl(logprob, old, t)
+        teacher_entropy = -t
     else:
         distill = torch.zeros_like(logprob)
+        teacher_entropy = torch.zeros_like(logprob)
 
     pg, clipped, kl = ppo_terms(logprob, old, adv, ref, hp)
     per_token = lam * distill + (1.0 - lam) * (pg + hp.kl_coef * kl) - hp.entropy_coef * entropy
@@ -122,6 +145,6 @@ def atod_loss_reference(x: LossInputs):
 
     outputs = dict(
         logprobs=report(logprob), entropy=report(entropy), distill=report(distill),
-        pg=report(pg), kl=report(kl), clipped=clipped.detach() & mask,
+        pg=report(pg), kl=report(kl), clipped=clipped.detach() & mask, teacher_entropy=report(teacher_entropy),
     )
     return loss.to(out_dt), outputs

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from .rowwise import ppo_rows
+from .rowwise import ppo_rows, sampled_rows
 
 SUB_ROWS = int(os.environ.get("ATOD_FAST_SUB_ROWS", "8"))
 """Rows per compiled call: a few rows of student and teacher logits (128 KiB each at V = 32k) stay
@@ -45,46 +45,51 @@ def _softmax_parts(z):
 
 def _divergence(p, lps, lse_s, zt, lam, sp, *, teacher, divergence, jsd_beta, inv_t, entropy_coef):
     """D per row, and the gradient split as dz = p·a + E + c_lp·[target] (None: E = p·c_ent·log p only).
-    -> (distill [R], a_div [R] (λ·dD/dz's per-row part), E [R, V] or None)"""
+    -> (distill [R], a_div [R] (λ·dD/dz's per-row part), E [R, V] or None, teacher entropy [R])
+    A sampled teacher's D is formed by the caller (it needs the log-probs of the targets)."""
     col = lam[:, None]
     c_ent = entropy_coef * lps
     if teacher == "dense":
         q, lpt, _ = _softmax_parts(zt * inv_t if inv_t != 1.0 else zt)
+        ent_t = -(q * lpt).sum(-1)
         if divergence == "reverse_kl":  # λ p (log p − log q − D)
             gap = lps - lpt
             distill = (p * gap).sum(-1)
-            return distill, -lam * distill, p * (c_ent + col * gap)
+            return distill, -lam * distill, p * (c_ent + col * gap), ent_t
         if divergence == "forward_kl":  # λ (p − q)
             distill = (q * (lpt - lps)).sum(-1)
-            return distill, lam, p * c_ent - col * q
+            return distill, lam, p * c_ent - col * q, ent_t
         # JSD: λ (1 − β) p (log p − log m − KL(p‖m)); both p and q below the floor weigh 0 in every sum.
         logm = torch.log(((1.0 - jsd_beta) * p + jsd_beta * q).clamp_min(torch.finfo(p.dtype).tiny))
         kl_tm = (q * (lpt - logm)).sum(-1)
         gap = lps - logm
         kl_sm = (p * gap).sum(-1)
         w = lam * (1.0 - jsd_beta)
-        return jsd_beta * kl_tm + (1.0 - jsd_beta) * kl_sm, -w * kl_sm, p * (c_ent + w[:, None] * gap)
+        return jsd_beta * kl_tm + (1.0 - jsd_beta) * kl_sm, -w * kl_sm, p * (c_ent + w[:, None] * gap), ent_t
     if teacher == "sparse":  # λ Σp̂ p − λ p̂ at the ids (the host scatters the second part)
         distill = sp[:, 0] - sp[:, 1] + sp[:, 2] * lse_s.squeeze(1)
-        return distill, lam * sp[:, 2], p * c_ent
-    return torch.zeros_like(lse_s.squeeze(1)), torch.zeros_like(lam), p * c_ent
+        return distill, lam * sp[:, 2], p * c_ent, -sp[:, 0]
+    zero = torch.zeros_like(lse_s.squeeze(1))
+    return zero, torch.zeros_like(lam), p * c_ent, zero
 
 
-def _stage_a(zs, zt, tgt, old, adv, lam, ref, sp, *, teacher, divergence, jsd_beta, temperature,
+def _stage_a(zs, zt, tgt, old, adv, lam, ref, sp, tlp, *, teacher, divergence, jsd_beta, temperature,
              clip_eps_low, clip_eps_high, dual_clip, kl_coef, entropy_coef, write_grad):
     """Every per-row term; with ``write_grad`` p goes over ``zs`` and E over ``zt`` (or a new buffer).
-    -> ([7, R] rows, [R] a: dz = p·a + E + c_lp·[target], [R] c_lp, E or None)"""
+    -> ([8, R] rows, [R] a: dz = p·a + E + c_lp·[target], [R] c_lp, E or None)"""
     inv_t = 1.0 / temperature
     z = zs * inv_t if temperature != 1.0 else zs
     p, lps, lse_s = _softmax_parts(z)
     ent = -(p * lps).sum(-1)
     logprob = lps.gather(1, tgt[:, None]).squeeze(1)
-    distill, a_div, e = _divergence(p, lps, lse_s, zt, lam, sp, teacher=teacher, divergence=divergence,
-                                    jsd_beta=jsd_beta, inv_t=inv_t, entropy_coef=entropy_coef)
+    distill, a_div, e, ent_t = _divergence(p, lps, lse_s, zt, lam, sp, teacher=teacher, divergence=divergence,
+                                           jsd_beta=jsd_beta, inv_t=inv_t, entropy_coef=entropy_coef)
+    if teacher == "sampled":  # its slope goes through the log-prob: c_lp, not a_div
+        distill, ent_t = sampled_rows(logprob, old, tlp), -tlp
     loss, pg, kl, clipped, c_lp = ppo_rows(
         logprob, old, adv, lam, ref, distill, ent, clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high,
-        dual_clip=dual_clip, kl_coef=kl_coef, entropy_coef=entropy_coef)
-    out = torch.stack([loss, logprob, ent, distill, pg, kl, clipped.to(loss.dtype)])
+        dual_clip=dual_clip, kl_coef=kl_coef, entropy_coef=entropy_coef, sampled=teacher == "sampled")
+    out = torch.stack([loss, logprob, ent, distill, pg, kl, clipped.to(loss.dtype), ent_t.to(loss.dtype)])
     if not write_grad:
         return out, None, None, None
     # Materialized once here, so the gradient pass below is arithmetic only (no exp or log again).
@@ -106,10 +111,10 @@ def _stage_b(zs, e, tgt, a, c_lp, scale):
     zs.copy_(dz * scale)
 
 
-def _rows_math(zs, zt, tgt, old, adv, lam, ref, sp, scale, **hp):
+def _rows_math(zs, zt, tgt, old, adv, lam, ref, sp, tlp, scale, **hp):
     """One sub-block: the two compiled stages (E lives in zt's buffer when there is one)."""
     stage_a, stage_b = _compiled()
-    out, a, c_lp, e = stage_a(zs, zt, tgt, old, adv, lam, ref, sp, **hp)
+    out, a, c_lp, e = stage_a(zs, zt, tgt, old, adv, lam, ref, sp, tlp, **hp)
     if hp["write_grad"]:
         stage_b(zs, zt if zt is not None else e, tgt, a, c_lp, scale)
     return out
@@ -135,16 +140,20 @@ def compile_enabled() -> bool:
 _failed: set = set()
 
 
-def _run_span(fn, i0, i1, zs, zt, tgt, old, adv, lam, ref, sp, scale, hp):
+def row_slice(t, i, j):
+    """Rows i:j of an optional per-row tensor."""
+    return None if t is None else t[i:j]
+
+
+def _run_span(fn, i0, i1, zs, zt, tgt, old, adv, lam, ref, sp, tlp, scale, hp):
     outs = []
     for i in range(i0, i1, SUB_ROWS):
         j = min(i + SUB_ROWS, i1)
-        outs.append(fn(zs[i:j], None if zt is None else zt[i:j], tgt[i:j], old[i:j], adv[i:j], lam[i:j],
-                       None if ref is None else ref[i:j], None if sp is None else sp[i:j], scale, **hp))
+        outs.append(fn(*(row_slice(t, i, j) for t in (zs, zt, tgt, old, adv, lam, ref, sp, tlp)), scale, **hp))
     return outs
 
 
-def compiled_rows(zs, zt, tgt, old, adv, lam, ref, sparse_sums, scale, **hp):
+def compiled_rows(zs, zt, tgt, old, adv, lam, ref, sparse_sums, scale, *, teacher_logprobs=None, **hp):
     """``torch_rows``' contract through the compiled function, ``SUB_ROWS`` rows per call.
 
     The rows are split into one contiguous span per intra-op thread; each span runs its calls
@@ -152,12 +161,12 @@ def compiled_rows(zs, zt, tgt, old, adv, lam, ref, sparse_sums, scale, **hp):
     synchronisation is the join at the end. Returns None when compilation is unavailable or failed
     for this configuration (the caller then runs the eager function); a failure is logged once.
     """
-    key = (*sorted(hp.items()), ref is None, zt is None, sparse_sums is None)
+    key = (*sorted(hp.items()), *(t is None for t in (zt, old, adv, ref, sparse_sums, teacher_logprobs)))
     if key in _failed:
         return None
     fn = _rows_math
     r = zs.shape[0]
-    args = (zs, zt, tgt, old, adv, lam, ref, sparse_sums, scale, hp)
+    args = (zs, zt, tgt, old, adv, lam, ref, sparse_sums, teacher_logprobs, scale, hp)
     try:  # the first call compiles (or hits the cache) on this thread, before any worker starts
         outs = _run_span(fn, 0, min(SUB_ROWS, r), *args)
     except Exception as e:  # any compiler failure falls back to eager: correct, slower

@@ -16,9 +16,25 @@ import torch
 TORCH_ROW_BUFFERS = 7
 
 
+def sampled_rows(logprob, old, teacher_logprobs):
+    """The sampled teacher's D = −(t − o)·e^(lp − o) per row (``old`` None: o = lp). Its slope in lp is D
+    itself (a PPO surrogate with advantage t − o, no clip), so ``ppo_rows(sampled=True)`` adds λ·D to c_lp."""
+    if old is None:
+        return logprob - teacher_logprobs
+    return -(teacher_logprobs - old) * torch.exp(logprob - old)
+
+
 def ppo_rows(logprob, old, adv, lam, ref, distill, ent, *, clip_eps_low, clip_eps_high, dual_clip,
-             kl_coef, entropy_coef):
-    """Clipped PPO, k3 KL and the λ mix per row; also c_lp = dℓ/d logprob. -> (loss, pg, kl, clipped, c_lp)"""
+             kl_coef, entropy_coef, sampled=False):
+    """Clipped PPO, k3 KL and the λ mix per row; also c_lp = dℓ/d logprob. -> (loss, pg, kl, clipped, c_lp)
+
+    ``old`` None: the current log-probs (ratio 1). ``adv`` None: no PPO term (pg = −0·r = 0, never
+    clipped). ``sampled``: ``distill`` is the sampled teacher's D (``sampled_rows``), which depends on lp.
+    """
+    if old is None:
+        old = logprob
+    if adv is None:
+        adv = torch.zeros_like(logprob)
     ratio = torch.exp(logprob - old)
     pg_un = -adv * ratio
     pg_cl = -adv * ratio.clamp(1.0 - clip_eps_low, 1.0 + clip_eps_high)
@@ -40,6 +56,8 @@ def ppo_rows(logprob, old, adv, lam, ref, distill, ent, *, clip_eps_low, clip_ep
         kl = e_delta - delta - 1.0
         g_kl = 1.0 - e_delta
     c_lp = (1.0 - lam) * (g_pg + kl_coef * g_kl)
+    if sampled:
+        c_lp = c_lp + lam * distill
     loss = lam * distill + (1.0 - lam) * (pg + kl_coef * kl) - entropy_coef * ent
     return loss, pg, kl, clipped, c_lp
 
@@ -50,12 +68,13 @@ def rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def torch_rows(zs, zt, tgt, old, adv, lam, ref, sparse_sums, scale, *, teacher, divergence, jsd_beta, temperature,
-               clip_eps_low, clip_eps_high, dual_clip, kl_coef, entropy_coef, write_grad):
+               clip_eps_low, clip_eps_high, dual_clip, kl_coef, entropy_coef, write_grad, teacher_logprobs=None):
     """Per-row ATOD terms of a chunk; with ``write_grad`` overwrite ``zs`` with d(loss)/d(zs).
 
     zs, zt ``[R, V]`` raw logits (both owned by the caller's chunk loop: they are overwritten);
-    per-row inputs ``[R]``; sparse_sums ``[R, 3]`` holding (Σ p̂ log p̂, Σ p̂ z_s[id], Σ p̂);
-    scale ``[1]`` = 1 / (normalizer · T). -> ``[7, R]``
+    per-row inputs ``[R]`` (old None: the rows' own log-probs; adv None: no PPO term);
+    sparse_sums ``[R, 3]`` holding (Σ p̂ log p̂, Σ p̂ z_s[id], Σ p̂); teacher_logprobs ``[R]``
+    (sampled teacher); scale ``[1]`` = 1 / (normalizer · T). -> ``[8, R]`` in the order of ``OUT_FIELDS``
 
     The gradient is assembled in place in the buffers that are no longer needed: on the CPU
     every fresh [R, V] allocation costs page faults, not just bandwidth.
@@ -69,14 +88,14 @@ def torch_rows(zs, zt, tgt, old, adv, lam, ref, sparse_sums, scale, *, teacher, 
     if teacher == "dense":
         # Differences are formed elementwise before any sum (Σ p·log p − Σ p·log q cancels badly).
         lpt = torch.log_softmax(zt * inv_t if temperature != 1.0 else zt, dim=-1)
+        pt = torch.exp(lpt, out=zt)  # the raw teacher logits are no longer needed
+        ent_t = -rowdot(pt, lpt)
         if divergence == "reverse_kl":
             gap = lpt.neg_().add_(lps)  # log p − log q, in lpt's buffer
             distill = rowdot(p, gap)
         elif divergence == "forward_kl":
-            pt = lpt.exp()
             distill = rowdot(pt, lpt.sub_(lps))
         else:
-            pt = lpt.exp()
             logm = torch.logaddexp(lps + math.log1p(-jsd_beta), lpt + math.log(jsd_beta))
             kl_tm = rowdot(pt, lpt.sub_(logm))
             gap = logm.neg_().add_(lps)  # log p − log m, in logm's buffer
@@ -85,13 +104,18 @@ def torch_rows(zs, zt, tgt, old, adv, lam, ref, sparse_sums, scale, *, teacher, 
     elif teacher == "sparse":
         lse_s = zs[:, 0] * inv_t - lps[:, 0]
         distill = sparse_sums[:, 0] - sparse_sums[:, 1] + sparse_sums[:, 2] * lse_s
+        ent_t = -sparse_sums[:, 0]
+    elif teacher == "sampled":
+        distill = sampled_rows(logprob, old, teacher_logprobs)
+        ent_t = -teacher_logprobs
     else:
         distill = torch.zeros_like(ent)
+        ent_t = torch.zeros_like(ent)
 
     loss, pg, kl, clipped, c_lp = ppo_rows(
         logprob, old, adv, lam, ref, distill, ent, clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high,
-        dual_clip=dual_clip, kl_coef=kl_coef, entropy_coef=entropy_coef)
-    out = torch.stack([loss, logprob, ent, distill, pg, kl, clipped.to(loss.dtype)])
+        dual_clip=dual_clip, kl_coef=kl_coef, entropy_coef=entropy_coef, sampled=teacher == "sampled")
+    out = torch.stack([loss, logprob, ent, distill, pg, kl, clipped.to(loss.dtype), ent_t.to(loss.dtype)])
     if not write_grad:
         return out
 
