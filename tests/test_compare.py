@@ -88,13 +88,16 @@ def test_tiny_grid_writes_results_and_methods_differ_only_in_schedule(tmp_path, 
     assert f"{res['wall_s'] / 60:.1f} min (2 runs trained" in (out / "results.md").read_text()
 
 
-def test_methods_are_schedules_only():
+def test_methods_are_schedules_and_advantages_only():
     for name, (_, overrides) in METHODS.items():
         if overrides is not None:
-            assert all(o.startswith("schedule.") for o in overrides), name
-    modes = {m: load_train_config(None, o).schedule for m, (_, o) in METHODS.items() if o is not None}
+            assert all(o.startswith(("schedule.", "ppo.advantage=")) for o in overrides), name
+    cfgs = {m: load_train_config(None, o) for m, (_, o) in METHODS.items() if o is not None}
+    modes = {m: c.schedule for m, c in cfgs.items()}
     assert modes["opd"].mode == "opd" and modes["ppo"].mode == "rl"
     assert modes["atod-no-turn"].turn_decay == "constant" and modes["atod-linear"].time_decay == "linear"
+    assert modes["atod-adaptive"].turn_weighting == "adaptive" and modes["atod"].turn_weighting == "position"
+    assert cfgs["atod-grpo"].ppo.advantage == "grpo" and cfgs["atod"].ppo.advantage == "gae"
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [

@@ -320,6 +320,45 @@ def test_train_two_steps_against_a_serve_teacher_process(server, tmp_path):
         assert not x["teacher_skipped"] and math.isfinite(x["loss"]) and x["distill"] > 0
 
 
+def test_sampled_token_scores_at_k0_equal_the_local_teacher(server, local):
+    lm, tok = local
+    seqs = sequences(tok, 4, seed=1)
+    positions = [list(range(1, len(s) - 1, 3)) for s in seqs]
+    out = client(server, tok, topk=0, sampled=True).score_sequences(seqs, positions)
+    own = out["teacher_logprobs"]
+    ref = torch.cat([local_logprobs(lm, s, 1.0)[pos, torch.tensor(s)[torch.tensor(pos) + 1]]
+                     for s, pos in zip(seqs, positions, strict=True)])
+    assert own.shape == ref.shape and torch.allclose(own, ref, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("where", ["served", "local"])
+def test_train_two_steps_on_sampled_tokens_alone(server, tmp_path, where):
+    from atod_fast.cli import main
+    from atod_fast.trainer.metrics import read_metrics
+
+    run = tmp_path / "run"
+    args = [*TRAIN, "loss.divergence=sampled_reverse_kl", "model.teacher_topk=0"]
+    if where == "served":
+        args.append(f"model.teacher_server={server}")
+    assert main(["train", "--output-dir", str(run), "--max-steps", "2", *args]) == 0
+    m = read_metrics(run)
+    assert [x["step"] for x in m] == [1, 2]
+    for x in m:  # the one-sample estimate can be negative on a token, not on average over a step
+        assert not x["teacher_skipped"] and math.isfinite(x["loss"]) and x["distill"] > 0
+        assert x["teacher_entropy"] > 0
+
+
+def test_teacher_topk_zero_needs_sampled_tokens():
+    with pytest.raises(ConfigError, match=r"model\.teacher_topk"):
+        load_train_config(None, ["model.teacher_server=http://127.0.0.1:1", "loss.divergence=forward_kl",
+                                 "model.teacher_topk=0"])
+    with pytest.raises(ConfigError, match=r"loss\.divergence"):
+        load_train_config(None, ["model.teacher_server=http://127.0.0.1:1", "loss.divergence=jsd"])
+    cfg = load_train_config(None, ["model.teacher_server=http://127.0.0.1:1", "loss.divergence=sampled_reverse_kl",
+                                   "model.teacher_topk=0"])
+    assert cfg.model.teacher_topk == 0
+
+
 def test_server_down_at_start_stops_train_with_the_url(tmp_path, capsys):
     from atod_fast.cli import main
 

@@ -37,6 +37,10 @@ METHODS: dict[str, tuple[str, list[str] | None]] = {
     "atod-fixed": ("ATOD with the anneal from step 0 (no hand-over gate)",
                    ["schedule.mode=atod", "schedule.handover=fixed", "schedule.time_decay=cosine",
                     "schedule.turn_decay=cosine"]),
+    "atod-adaptive": ("ATOD with adaptive turn weights: more teacher weight on turns of disagreement with a confident "
+                      "teacher", ["schedule.mode=atod", "schedule.turn_weighting=adaptive"]),
+    "atod-grpo": ("ATOD with critic-free advantages: returns normalized within groups of episodes on one seed",
+                  ["schedule.mode=atod", "ppo.advantage=grpo"]),
     "atod-no-turn": ("ATOD without turn-awareness: λ depends on the step only",
                      ["schedule.mode=atod", "schedule.time_decay=cosine", "schedule.turn_decay=constant"]),
     "atod-linear": ("ATOD with linear decay in step and turn", ["schedule.mode=atod", "schedule.time_decay=linear",
@@ -84,7 +88,10 @@ class Grid:
         for o in self.overrides:
             key = o.split("=", 1)[0]
             if key.startswith("schedule.") and key not in ("schedule.lambda_max", "schedule.lambda_min",
-                                                           "schedule.total_steps", "schedule.turn_horizon"):
+                                                           "schedule.total_steps", "schedule.turn_horizon",
+                                                           "schedule.anneal_steps", "schedule.gate_window",
+                                                           "schedule.gate_ratio", "schedule.gate_divergence",
+                                                           "schedule.turn_ema"):
                 raise ConfigError(f"override {o!r}: the methods set schedule.mode and the decays themselves")
             if key in ("seed", "max_steps", "output_dir") or key.startswith("eval."):
                 raise ConfigError(f"override {o!r}: set by compare (use --seeds, --max-steps, --eval-every, "

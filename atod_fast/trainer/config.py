@@ -17,6 +17,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ..ops.losses.inputs import DIVERGENCES
 from ..ops.schedule import schedule_problem
 
 
@@ -112,11 +113,13 @@ class ModelConfig:
     """Apply Liger-Kernel's patches (RMSNorm, RoPE, SwiGLU) to the student; the LM head stays with the fused loss."""
     teacher_server: str | None = None
     """URL of a teacher behind vLLM's completions API (``vllm serve``, ``atod-fast serve-teacher``) scoring the
-    trajectories' token ids with top-k prompt log-probs (a sparse teacher: loss.divergence=forward_kl). The model
+    trajectories' token ids with top-k prompt log-probs (a sparse teacher: loss.divergence=forward_kl, or the sampled
+    tokens' own log-probs: sampled_reverse_kl). The model
     at model.teacher is then not loaded (a built-in student still takes its tokenizer from it). Needs the serve
     extra."""
     teacher_topk: int = 20
-    """k of the served teacher: prompt_logprobs per position (vllm serve refuses k above its --max-logprobs)."""
+    """k of the served teacher: prompt_logprobs per position (vllm serve refuses k above its --max-logprobs); 0 with
+    loss.divergence=sampled_reverse_kl, which needs only each sampled token's own log-prob."""
     teacher_timeout_s: float = 120.0
     """Seconds one scoring request to the teacher server may take before it is retried."""
     teacher_retries: int = 3
@@ -130,7 +133,7 @@ class ModelConfig:
         t = self.teacher_server
         _need(t is None or (isinstance(t, str) and t.startswith(("http://", "https://"))), "model.teacher_server",
               "null or an http:// or https:// URL", t)
-        _need(_int(self.teacher_topk) and self.teacher_topk >= 1, "model.teacher_topk", "an integer >= 1",
+        _need(_int(self.teacher_topk) and self.teacher_topk >= 0, "model.teacher_topk", "an integer >= 0",
               self.teacher_topk)
         _need(_num(self.teacher_timeout_s) and self.teacher_timeout_s > 0, "model.teacher_timeout_s",
               "a number > 0", self.teacher_timeout_s)
@@ -266,10 +269,23 @@ class ScheduleConfig:
     time_decay: str = "cosine"
     """Decay over steps: cosine, linear, exponential or constant."""
     turn_decay: str = "cosine"
-    """Decay over turns: cosine, linear, exponential or constant."""
+    """Decay over turns: cosine, linear, exponential or constant (turn_weighting=position)."""
+    turn_weighting: str = "position"
+    """mode=atod only. position: λ decays with the turn index (turn_decay); adaptive: each turn's λ is the step's
+    λ times a weight from the student–teacher disagreement and the teacher's certainty on that turn in recent
+    steps, bounded to [lambda_min, lambda_max] (docs/method.md, "Adaptive turn weights")."""
+    turn_ema: float = 0.8
+    """turn_weighting=adaptive: decay of the per-turn moving averages of disagreement and teacher entropy (the weight
+    of the old average at each step)."""
 
     def __post_init__(self):
         _need(self.mode in ("atod", "opd", "rl"), "schedule.mode", "one of atod, opd, rl", self.mode)
+        _need(self.turn_weighting in ("position", "adaptive"), "schedule.turn_weighting", "position or adaptive",
+              self.turn_weighting)
+        _need(self.turn_weighting == "position" or self.mode == "atod", "schedule.turn_weighting",
+              "position unless schedule.mode=atod (opd and rl have one λ for every turn)", self.turn_weighting)
+        _need(_num(self.turn_ema) and 0 <= self.turn_ema < 1, "schedule.turn_ema", "a number in [0, 1)",
+              self.turn_ema)
         _need(self.handover in ("auto", "fixed"), "schedule.handover", "auto or fixed", self.handover)
         if self.mode == "atod":  # each anneal length belongs to one hand-over
             _need(self.handover == "fixed" or self.total_steps is None, "schedule.total_steps",
@@ -301,9 +317,10 @@ class LossConfig:
     """Hyperparameters of ``atod_loss``."""
 
     divergence: str = "reverse_kl"
-    """Distillation divergence: reverse_kl, forward_kl or jsd."""
+    """Distillation divergence: reverse_kl, forward_kl, jsd, or sampled_reverse_kl (from the teacher's log-prob of
+    each sampled token alone: works with a served teacher at model.teacher_topk=0; docs/method.md)."""
     jsd_beta: float = 0.5
-    """β of the generalized JSD."""
+    """β of the generalized JSD; 0 is forward_kl and 1 reverse_kl (TRL's and Liger's convention)."""
     temperature: float = 1.0
     """Logit temperature of student and teacher inside the loss."""
     clip_eps_low: float = 0.2
@@ -320,9 +337,8 @@ class LossConfig:
     """atod_loss backend; auto picks the fastest available."""
 
     def __post_init__(self):
-        _need(self.divergence in ("reverse_kl", "forward_kl", "jsd"), "loss.divergence",
-              "one of reverse_kl, forward_kl, jsd", self.divergence)
-        _need(_num(self.jsd_beta) and 0 < self.jsd_beta < 1, "loss.jsd_beta", "a number in (0, 1)", self.jsd_beta)
+        _need(self.divergence in DIVERGENCES, "loss.divergence", f"one of {', '.join(DIVERGENCES)}", self.divergence)
+        _need(_num(self.jsd_beta) and 0 <= self.jsd_beta <= 1, "loss.jsd_beta", "a number in [0, 1]", self.jsd_beta)
         _need(_num(self.temperature) and self.temperature > 0, "loss.temperature", "a number > 0", self.temperature)
         for f in ("clip_eps_low", "clip_eps_high", "kl_coef", "entropy_coef"):
             _need(_num(getattr(self, f)) and getattr(self, f) >= 0, f"loss.{f}", "a number >= 0", getattr(self, f))
@@ -610,9 +626,11 @@ class TrainConfig:
         if self.schedule.mode != "rl" and self.model.teacher_server is None:
             _need(self.model.teacher is not None, "model.teacher",
                   f"a teacher for schedule.mode={self.schedule.mode} (null only with mode rl)", None)
-        if self.model.teacher_server is not None:  # the loss takes a top-k teacher with forward KL only
-            _need(self.loss.divergence == "forward_kl", "loss.divergence",
-                  "forward_kl with model.teacher_server (a top-k teacher)", self.loss.divergence)
+        if self.model.teacher_server is not None:  # a top-k teacher (forward KL) or the sampled tokens' log-probs
+            _need(self.loss.divergence in ("forward_kl", "sampled_reverse_kl"), "loss.divergence",
+                  "forward_kl or sampled_reverse_kl with model.teacher_server", self.loss.divergence)
+            _need(self.model.teacher_topk >= 1 or self.loss.divergence == "sampled_reverse_kl", "model.teacher_topk",
+                  ">= 1 with loss.divergence=forward_kl (0 only with sampled_reverse_kl)", self.model.teacher_topk)
         g, n = self.group_size, self.rollout.episodes_per_step
         _need(self.ppo.advantage == "gae" or g >= 2, "rollout.group_size",
               "an integer >= 2 under ppo.advantage=grpo (a singleton group's advantage is 0)", g)

@@ -93,13 +93,17 @@ class HandoverController:
         return AnnealSchedule(total, self.turn_horizon, lambda_max=self.lambda_max, lambda_min=self.lambda_min,
                               time_decay=self.time_decay, turn_decay=self.turn_decay)
 
+    def holding(self, step: int) -> bool:
+        """True while λ holds at lambda_max: before the gate and through the value warm-up."""
+        start = self.anneal_start()
+        return start is None or step < start
+
     def lam(self, step: int, turn_idx: torch.Tensor) -> torch.Tensor:
         """λ per token of training step ``step`` (1-based) at turn indices ``turn_idx``."""
         turn_idx = torch.as_tensor(turn_idx)
-        start = self.anneal_start()
-        if start is None or step < start:
+        if self.holding(step):
             return torch.full(turn_idx.shape, self.lambda_max, dtype=torch.float32, device=turn_idx.device)
-        return self.schedule()(step - start, turn_idx)
+        return self.schedule()(step - self.anneal_start(), turn_idx)
 
     def lambda_turn(self, step: int, n_turns: int) -> list[float]:
         """λ of turns 0 .. max(turn_horizon, n_turns) − 1 at ``step`` (the ``lambda_turn`` metric)."""
@@ -137,7 +141,19 @@ class HandoverController:
 # ----------------------------------------------------------------- the trainer's side
 def make_controller(cfg, models, *, max_turns: int, teacher_path: str | None, dist, device: torch.device):
     """The λ controller the config asks for: the hand-over (``schedule.handover=auto`` under ``mode=atod``; the
-    teacher's bar is measured on rank 0 first, the other ranks read its cache) or the fixed schedule."""
+    teacher's bar is measured on rank 0 first, the other ranks read its cache) or the fixed schedule, under the
+    adaptive turn weights with ``schedule.turn_weighting=adaptive``."""
+    base = _base_controller(cfg, models, max_turns=max_turns, teacher_path=teacher_path, dist=dist, device=device)
+    s = cfg.schedule
+    if s.turn_weighting != "adaptive":
+        return base
+    from .turn_weights import AdaptiveTurnController
+
+    return AdaptiveTurnController(base, turn_horizon=s.turn_horizon or max_turns, lambda_min=s.lambda_min,
+                                  lambda_max=s.lambda_max, ema=s.turn_ema)
+
+
+def _base_controller(cfg, models, *, max_turns: int, teacher_path: str | None, dist, device: torch.device):
     from .lam import ScheduleController, build_schedule
 
     if not cfg.gated:

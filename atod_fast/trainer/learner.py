@@ -34,7 +34,7 @@ from .seeds import step_seed
 log = logging.getLogger("atod_fast")
 
 OWN_KEYS = ("targets", "old_logprobs", "old_values", "advantages", "returns", "lam")
-METRICS = ("loss", "value_loss", "distill", "pg", "kl", "entropy", "clipfrac")
+METRICS = ("loss", "value_loss", "distill", "pg", "kl", "entropy", "clipfrac", "teacher_entropy")
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -91,23 +91,34 @@ class NonFiniteGuard:
 class _Tally:
     """Row-weighted sums of the minibatches' metrics, reduced over ranks at the end of the step."""
 
-    def __init__(self):
+    def __init__(self, n_turns: int = 1):
         self.sums: dict[str, float] = {}
         self.rows, self.skipped, self.grad_norms = 0, 0, []
+        # Per turn index: Σ distill, Σ teacher entropy, rows (the adaptive turn weights' statistics).
+        self.turns = torch.zeros(3, n_turns, dtype=torch.float64)
 
-    def add(self, res: dict, k: int) -> None:
+    def add(self, res: dict, k: int, turns: torch.Tensor) -> None:
         self.rows += k
         out, total = res["out"], res["total"]
         for name, val in (("loss", total.item() * k), ("value_loss", res["value_loss"].item() * k),
                           ("distill", out.distill.sum().item()), ("pg", out.pg.sum().item()),
                           ("kl", out.kl.sum().item()), ("entropy", out.entropy.sum().item()),
-                          ("clipfrac", out.clipped.float().sum().item())):
+                          ("clipfrac", out.clipped.float().sum().item()),
+                          ("teacher_entropy", out.teacher_entropy.sum().item())):
             self.sums[name] = self.sums.get(name, 0.0) + val
+        idx = turns.cpu().long().clamp(0, self.turns.shape[1] - 1)
+        for r, per_row in enumerate((out.distill, out.teacher_entropy, torch.ones_like(out.distill))):
+            self.turns[r].index_add_(0, idx, per_row.detach().cpu().double())
 
     def metrics(self, d: Dist) -> dict:
-        reduced = d.sum_floats([self.sums.get(k, 0.0) for k in METRICS] + [float(self.rows)])
+        n_turns = self.turns.shape[1]
+        reduced = d.sum_floats([self.sums.get(k, 0.0) for k in METRICS] + self.turns.flatten().tolist()
+                               + [float(self.rows)])
         n_rows = reduced[-1]
         m = {k: (v / n_rows if n_rows else float("nan")) for k, v in zip(METRICS, reduced, strict=False)}
+        t = torch.tensor(reduced[len(METRICS):-1], dtype=torch.float64).view(3, n_turns)
+        m["turn_distill"] = [float(s / c) if c else None for s, c in zip(t[0], t[2], strict=True)]
+        m["turn_teacher_entropy"] = [float(s / c) if c else None for s, c in zip(t[1], t[2], strict=True)]
         m["grad_norm"] = sum(self.grad_norms) / len(self.grad_norms) if self.grad_norms else float("nan")
         m["skipped_updates"] = self.skipped
         m["nonfinite"] = self.skipped > 0
@@ -119,9 +130,10 @@ class PpoLearner:
     """PPO over the fused loss for the student (``policy``: LM + value head) inside the data-parallel ``engine``;
     ``scheduler`` steps once per training step."""
 
-    def __init__(self, cfg: TrainConfig, policy, engine, scheduler, dist: Dist, *, vocab_size: int | None):
+    def __init__(self, cfg: TrainConfig, policy, engine, scheduler, dist: Dist, *, vocab_size: int | None,
+                 n_turns: int = 1):
         self.cfg, self.policy, self.engine, self.scheduler, self.dist = cfg, policy, engine, scheduler, dist
-        self.vocab_size = vocab_size
+        self.vocab_size, self.n_turns = vocab_size, n_turns
 
     @torch.no_grad()
     def behaviour(self, batch: StepBatch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -153,7 +165,7 @@ class PpoLearner:
             raise RuntimeError(f"rank {d.rank}: none of its episodes has an agent token; raise "
                                "rollout.max_episode_tokens")
         gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, salt=1))
-        tally = _Tally()
+        tally = _Tally(self.n_turns)
         for _ in range(cfg.ppo.epochs):
             order = torch.randperm(n_global, generator=gen)
             for mb in order.chunk(cfg.ppo.minibatches):
@@ -170,7 +182,7 @@ class PpoLearner:
     def skip(self) -> dict:
         """A step without an update (its teacher scores are missing): the LR schedule still follows the step."""
         self._step_scheduler()
-        return {**_Tally().metrics(self.dist), "teacher_skipped": True}
+        return {**_Tally(self.n_turns).metrics(self.dist), "teacher_skipped": True}
 
     def _step_scheduler(self) -> None:
         with warnings.catch_warnings():  # the LR schedule follows training steps, even fully skipped ones
@@ -208,7 +220,7 @@ class PpoLearner:
             return
         tally.grad_norms.append(gn)
         if weight != 0:
-            tally.add(res, len(sel))
+            tally.add(res, len(sel), batch.agent_turns[sel])
 
     def _loss_fn(self, d: dict, teacher_head, value_only: bool = False):
         """The minibatch's loss from the student's hidden states (called inside the engine's forward)."""

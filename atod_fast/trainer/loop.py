@@ -87,9 +87,11 @@ class Trainer:
         self.engine = make_engine(cfg.distributed, m.policy, optimizer, max_grad_norm=cfg.optim.max_grad_norm,
                                   device=dev, world=self.dist.world)
         vocab = loss_vocab_size(m)
-        self.learner = PpoLearner(cfg, m.policy, self.engine, self.scheduler, self.dist, vocab_size=vocab)
+        self.learner = PpoLearner(cfg, m.policy, self.engine, self.scheduler, self.dist, vocab_size=vocab,
+                                  n_turns=self.max_turns)
         self.teacher = make_teacher(cfg, m, lambda_max=self.controller.lambda_max,
-                                    gather=self.engine.gathered if cfg.distributed.teacher_zero3 else None)
+                                    gather=self.engine.gathered if cfg.distributed.teacher_zero3 else None,
+                                    vocab_size=vocab)
         self.reference = None if m.reference is None else ReferenceScorer(
             m.reference, packing=cfg.model.packing, temperature=cfg.loss.temperature, vocab_size=vocab,
             backend=cfg.loss.backend)

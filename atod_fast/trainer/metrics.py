@@ -36,11 +36,15 @@ def scalars(metrics: dict) -> dict[str, float]:
     """The plottable part of a step's metrics: finite numbers, and lists as ``key/i`` (λ per turn)."""
     out = {}
     for k, v in metrics.items():
-        if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+        if k != "step" and _finite(v):
             out[k] = v
         elif isinstance(v, list):
-            out.update({f"{k}/{i}": x for i, x in enumerate(v)})
+            out.update({f"{k}/{i}": x for i, x in enumerate(v) if _finite(x)})  # a turn without tokens: None
     return out
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 class JsonlSink:

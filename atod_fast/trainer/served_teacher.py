@@ -114,10 +114,10 @@ class ServedTeacher:
     """Scores token sequences with a teacher behind ``url`` (``vllm serve`` or ``atod-fast serve-teacher``)."""
 
     def __init__(self, url: str, *, topk: int, temperature: float, timeout_s: float, retries: int,
-                 max_inflight: int, vocab_size: int, backoff_s: float = 0.5):
+                 max_inflight: int, vocab_size: int, backoff_s: float = 0.5, sampled: bool = False):
         self.aiohttp = _aiohttp()
         self.url = url.rstrip("/")
-        self.topk, self.temperature, self.vocab = topk, temperature, vocab_size
+        self.topk, self.temperature, self.vocab, self.sampled = topk, temperature, vocab_size, sampled
         self.timeout_s, self.retries, self.max_inflight, self.backoff_s = timeout_s, retries, max_inflight, backoff_s
         self.model: str | None = None
 
@@ -183,7 +183,8 @@ class ServedTeacher:
     # ----------------------------------------------------------------- the trainer's teacher scorer
     def score(self, batch) -> dict[str, torch.Tensor]:
         """The sparse teacher on the agent rows of a step batch (``teacher_topk_ids``, ``teacher_topk_logprobs``,
-        [A, k + 1], on the batch's device); TeacherUnavailable when the server does not answer."""
+        [A, k + 1], on the batch's device), or with ``sampled`` the sampled tokens' own log-probs
+        (``teacher_logprobs``, [A]); TeacherUnavailable when the server does not answer."""
         ids = batch.packed.input_ids.cpu()
         cu = batch.packed.cu_seqlens.cpu().tolist()
         rows = batch.agent_rows.cpu()
@@ -192,7 +193,8 @@ class ServedTeacher:
             seqs.append(ids[cu[b]:cu[b + 1]].tolist())
             positions.append((rows[(rows >= cu[b]) & (rows < cu[b + 1])] - cu[b]).tolist())
         out = self.score_sequences(seqs, positions)
-        return {k: out[k].to(batch.device) for k in ("teacher_topk_ids", "teacher_topk_logprobs")}
+        keys = ("teacher_logprobs",) if self.sampled else ("teacher_topk_ids", "teacher_topk_logprobs")
+        return {k: out[k].to(batch.device) for k in keys}
 
     def head(self) -> tuple[None, None]:
         return None, None
@@ -299,6 +301,7 @@ def served_teacher(cfg, tokenizer, probe_text: str) -> ServedTeacher:
     m = cfg.model
     teacher = ServedTeacher(m.teacher_server, topk=m.teacher_topk, temperature=cfg.loss.temperature,
                             timeout_s=m.teacher_timeout_s, retries=m.teacher_retries,
-                            max_inflight=m.teacher_max_inflight, vocab_size=len(tokenizer))
+                            max_inflight=m.teacher_max_inflight, vocab_size=len(tokenizer),
+                            sampled=cfg.loss.divergence == "sampled_reverse_kl")
     teacher.connect(tokenizer, probe_text)
     return teacher

@@ -5,7 +5,8 @@ and returns per agent row a dict of tensors named as ``atod_loss``'s keyword arg
 
 - dense: ``{"teacher_hidden": [A, Ht]}``, with ``head()`` giving ``(teacher_weight, teacher_bias)``;
 - sparse: ``{"teacher_topk_ids": [A, k], "teacher_topk_logprobs": [A, k]}``, ``head()`` → ``(None, None)``;
-- sampled token only: ``{"teacher_logprobs": [A]}`` (once ``atod_loss`` takes that input).
+- sampled token only (``loss.divergence=sampled_reverse_kl``): ``{"teacher_logprobs": [A]}``, the teacher's
+  log-prob of each row's target at the loss temperature; ``head()`` → ``(None, None)``.
 
 The learner slices every entry by rows for its minibatches and passes them to the loss by
 name; it enters ``gathered()`` around each minibatch's forward and backward (a teacher whose
@@ -22,6 +23,7 @@ import torch
 
 from .batch import StepBatch
 from .models import lm_head
+from .reference import token_logprobs
 
 log = logging.getLogger("atod_fast")
 
@@ -46,23 +48,34 @@ class LocalTeacher:
 
     ``gather``: the engine's context that materializes ZeRO-3-sharded parameters; given when the
     teacher is sharded over the ranks (``distributed.teacher_zero3``).
+
+    ``sampled``: score the sampled tokens alone (``teacher_logprobs``, for ``sampled_reverse_kl``) with
+    ``temperature``, ``vocab_size`` and ``backend`` as the loss's; otherwise the dense teacher.
     """
 
-    def __init__(self, model, *, packing: str, gather=None):
+    def __init__(self, model, *, packing: str, gather=None, sampled: bool = False, temperature: float = 1.0,
+                 vocab_size: int | None = None, backend: str = "auto"):
         self.model, self.packing, self._gather = model, packing, gather
+        self.sampled, self.temperature, self.vocab_size, self.backend = sampled, temperature, vocab_size, backend
 
     @torch.no_grad()
     def score(self, batch: StepBatch) -> dict[str, torch.Tensor]:
-        return {"teacher_hidden": batch.hidden(self.model, packing=self.packing)[batch.agent_rows]}
+        h = batch.hidden(self.model, packing=self.packing)[batch.agent_rows]
+        if not self.sampled:
+            return {"teacher_hidden": h}
+        with self.gathered():
+            lp = token_logprobs(self.model, h, batch.targets, temperature=self.temperature,
+                                vocab_size=self.vocab_size, backend=self.backend)
+        return {"teacher_logprobs": lp}
 
-    def head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return lm_head(self.model)
+    def head(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return (None, None) if self.sampled else lm_head(self.model)
 
     def gathered(self) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext() if self._gather is None else self._gather(self.head())
+        return contextlib.nullcontext() if self._gather is None else self._gather(lm_head(self.model))
 
 
-def make_teacher(cfg, models, *, lambda_max: float, gather=None) -> TeacherScorer | None:
+def make_teacher(cfg, models, *, lambda_max: float, gather=None, vocab_size: int | None = None) -> TeacherScorer | None:
     """The run's teacher scorer: a served one (``model.teacher_server``), the local teacher model, or none (no
     teacher, or λ never above 0)."""
     if lambda_max <= 0:
@@ -73,7 +86,9 @@ def make_teacher(cfg, models, *, lambda_max: float, gather=None) -> TeacherScore
         return served_teacher(cfg, models.tokenizer, probe_text(models.tokenizer))
     if models.teacher is None:
         return None
-    return LocalTeacher(models.teacher, packing=cfg.model.packing, gather=gather)
+    return LocalTeacher(models.teacher, packing=cfg.model.packing, gather=gather,
+                        sampled=cfg.loss.divergence == "sampled_reverse_kl", temperature=cfg.loss.temperature,
+                        vocab_size=vocab_size, backend=cfg.loss.backend)
 
 
 def score_rows(batch: StepBatch, scorers, dist, step: int) -> dict[str, torch.Tensor] | None:
