@@ -58,15 +58,17 @@ def variants(full: bool):
         f32 = {n: "*fp32" for n in atod_loss._atod_rows_kernel.arg_names if n.endswith("_ptr")}
         f32["tgt_ptr"] = "*i64"
         blocks, launch = atod_loss.cuda_config(cc, vocab=128256)
-        combos = (itertools.product((0, 1, 2), (0, 1, 2), (False, True), (False, True), (False, True)) if full
-                  else [(1, 2, True, True, True), (1, 0, True, False, True), (2, 1, False, False, True),
-                        (0, 0, True, False, False)])
-        for t, d, ref, dual, grad in combos:
+        combos = (itertools.product((0, 1, 2, 3), (0, 1, 2), (False, True), (False, True), (False, True),
+                                    (False, True)) if full
+                  else [(1, 2, True, True, True, True), (1, 0, True, False, True, True),
+                        (2, 1, False, False, True, True), (0, 0, True, False, False, True),
+                        (3, 0, True, True, True, False)])
+        for t, d, ref, dual, grad, old in combos:
             if t != 1 and d != 0 and full:
                 continue  # DIV only matters with a dense teacher
-            c = dict(TEACHER=t, DIV=d, HAS_REF=ref, HAS_DUAL=dual, WRITE_GRAD=grad, **blocks)
-            out.append((cc, "_atod_rows_kernel", f"teacher={t} div={d} ref={ref} dual={dual} grad={grad}",
-                        atod_loss._atod_rows_kernel, f32, c, launch))
+            c = dict(TEACHER=t, DIV=d, HAS_OLD=old, HAS_REF=ref, HAS_DUAL=dual, WRITE_GRAD=grad, **blocks)
+            label = f"teacher={t} div={d} ref={ref} dual={dual} grad={grad}" + ("" if old else " old=False")
+            out.append((cc, "_atod_rows_kernel", label, atod_loss._atod_rows_kernel, f32, c, launch))
         blocks, launch = logprobs_entropy.cuda_config(cc, vocab=128256)
         for k in (logprobs_entropy._lpe_fwd_kernel, logprobs_entropy._lpe_bwd_kernel):
             lpe_ptrs = {n: "*i64" if n == "tgt_ptr" else "*fp32" for n in k.arg_names if n.endswith("_ptr")}
@@ -87,16 +89,21 @@ def _fused_variants(cc, full):
             ptrs = {n: "*fp32" for n in kern.arg_names if n.endswith("_ptr")}
             ptrs.update({n: f"*{dt}" for n in ("hs_ptr", "ws_ptr", "ht_ptr", "wt_ptr")})
             ptrs.update(tgt_ptr="*i64", ids_ptr="*i64")
-            blocks, launch = atod_loss_fused.cuda_config(cc, kern.__name__, f32=dt == "fp32")
-            combos = (itertools.product((0, 1, 2), (0, 1, 2)) if full else [(1, 2), (1, 0), (2, 1)])
-            for t, d in combos:
+            # (TEACHER, DIV, TLOGITS): TLOGITS reads a dense teacher's logits (in the operands' dtype here).
+            # No TEACHER 3: the host runs a sampled teacher's rows as TEACHER 0 (its D needs no kernel).
+            combos = ([(t, d, False) for t, d in itertools.product((0, 1, 2), (0, 1, 2))]
+                      + [(1, d, True) for d in (0, 1, 2)] if full
+                      else [(1, 2, False), (1, 0, False), (2, 1, False), (1, 2, True), (1, 0, True)])
+            for t, d, tlogits in combos:
                 if t != 1 and d != 0 and full:
                     continue
-                c = dict(TEACHER=t, DIV=d, HAS_BS=True, HAS_BT=t == 1, PREC="ieee" if dt == "fp32" else None,
-                         **blocks)
+                blocks, launch = atod_loss_fused.cuda_config(cc, kern.__name__, f32=dt == "fp32", tlogits=tlogits)
+                c = dict(TEACHER=t, DIV=d, HAS_BS=True, HAS_BT=t == 1 and not tlogits, TLOGITS=tlogits,
+                         PREC="ieee" if dt == "fp32" else None, **blocks)
                 if kern is atod_loss_fused._fused_grad_kernel:
                     c.update(NEED_H=True, NEED_W=True, NEED_B=True)
-                out.append((cc, kern.__name__, f"{dt} teacher={t} div={d}", kern, ptrs, c, launch))
+                label = f"{dt} teacher={t} div={d}" + (" logits" if tlogits else "")
+                out.append((cc, kern.__name__, label, kern, ptrs, c, launch))
     return out
 
 

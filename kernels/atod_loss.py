@@ -49,15 +49,16 @@ def _ppo_row(logprob, old, adv, lam, ref, distill, ent, clip_lo, clip_hi, dual_c
 @triton.jit
 def _atod_rows_kernel(
     zs_ptr, zt_ptr, stride_zs, stride_zt,
-    tgt_ptr, old_ptr, adv_ptr, lam_ptr, ref_ptr, sp_ptr, scale_ptr, out_ptr,
+    tgt_ptr, old_ptr, adv_ptr, lam_ptr, ref_ptr, sp_ptr, tlp_ptr, scale_ptr, out_ptr,
     R, V, inv_t, clip_lo, clip_hi, dual_c, kl_coef, ent_coef, beta, log_beta, log_1mbeta,
-    TEACHER: tl.constexpr, DIV: tl.constexpr, HAS_REF: tl.constexpr, HAS_DUAL: tl.constexpr,
-    WRITE_GRAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
+    TEACHER: tl.constexpr, DIV: tl.constexpr, HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr,
+    HAS_DUAL: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     # Pass 1: online softmax statistics of both models (softmax_tiles.stats_update).
     # Pass 2 (JSD only): KL(p_t‖m) and KL(p_s‖m) now that both log-sum-exps are known.
-    # PPO, k3 and the λ mix per row (_ppo_row); last pass writes dℓ/dz_s · scale over zs, with
-    # scale = 1 / (normalizer · T) (softmax_tiles.grad_tile; the host adds a sparse teacher's −p̂_k).
+    # PPO, k3 and the λ mix per row (_ppo_row), a sampled teacher's D (TEACHER 3) entering through c_lp;
+    # last pass writes dℓ/dz_s · scale over zs, with scale = 1 / (normalizer · T)
+    # (softmax_tiles.grad_tile; the host adds a sparse teacher's −p̂_k).
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < R
@@ -71,6 +72,7 @@ def _atod_rows_kernel(
     b_s = tl.zeros((BLOCK_R,), tl.float32)
     m_t = tl.full((BLOCK_R,), neg_inf, tl.float32)
     l_t = tl.zeros((BLOCK_R,), tl.float32)
+    b_t = tl.zeros((BLOCK_R,), tl.float32)
     x = tl.zeros((BLOCK_R,), tl.float32)
     z_tgt = tl.zeros((BLOCK_R,), tl.float32)
     for v0 in range(0, V, BLOCK_V):
@@ -83,8 +85,8 @@ def _atod_rows_kernel(
             zt = tl.load(zt_ptr + rows[:, None] * stride_zt + cols[None, :], mask=valid, other=neg_inf) * inv_t
             zt = tl.where(rmask[:, None], zt, 0.0)
         z_tgt += tl.sum(tl.where((cols[None, :] == tgt[:, None]) & valid, zs, 0.0), axis=1)
-        m_s, l_s, b_s, m_t, l_t, x = stats_update(m_s, l_s, b_s, m_t, l_t, x, zs, zt, valid, TEACHER, DIV)
-    log_ls, ent, distill, m_t, log_lt = stats_finish(m_s, l_s, b_s, m_t, l_t, x, TEACHER, DIV)
+        m_s, l_s, b_s, m_t, l_t, b_t, x = stats_update(m_s, l_s, b_s, m_t, l_t, b_t, x, zs, zt, valid, TEACHER, DIV)
+    log_ls, ent, distill, m_t, log_lt, ent_t = stats_finish(m_s, l_s, b_s, m_t, l_t, b_t, x, TEACHER, DIV)
     logprob = (z_tgt - m_s) - log_ls
     kl_sm = tl.zeros((BLOCK_R,), tl.float32)
     s_hat = tl.zeros((BLOCK_R,), tl.float32)
@@ -103,10 +105,18 @@ def _atod_rows_kernel(
     elif TEACHER == 2:
         # sp = (Σ p̂ log p̂, Σ p̂ z_s[id], Σ p̂) over the top-k ids with p̂ > 0.
         s_hat = tl.load(sp_ptr + rows * 3 + 2, mask=rmask, other=0.0)
-        distill = (tl.load(sp_ptr + rows * 3, mask=rmask, other=0.0)
-                   - tl.load(sp_ptr + rows * 3 + 1, mask=rmask, other=0.0) + s_hat * (m_s + log_ls))
+        plogp = tl.load(sp_ptr + rows * 3, mask=rmask, other=0.0)
+        distill = plogp - tl.load(sp_ptr + rows * 3 + 1, mask=rmask, other=0.0) + s_hat * (m_s + log_ls)
+        ent_t = -plogp
 
-    old = tl.load(old_ptr + rows, mask=rmask, other=0.0)
+    old = logprob  # no old log-probs: the current ones, detached (ratio 1)
+    if HAS_OLD:
+        old = tl.load(old_ptr + rows, mask=rmask, other=0.0)
+    if TEACHER == 3:
+        # Sampled teacher: D = −(t − o)·e^(lp − o), dD/d lp = D; its surprisal −t stands in for H_t.
+        t_lp = tl.load(tlp_ptr + rows, mask=rmask, other=0.0)
+        distill = -(t_lp - old) * tl.exp(logprob - old)
+        ent_t = -t_lp
     adv = tl.load(adv_ptr + rows, mask=rmask, other=0.0)
     lam = tl.load(lam_ptr + rows, mask=rmask, other=0.0)
     ref = old
@@ -114,6 +124,8 @@ def _atod_rows_kernel(
         ref = tl.load(ref_ptr + rows, mask=rmask, other=0.0)
     loss, pg, kl, clipped, c_lp = _ppo_row(logprob, old, adv, lam, ref, distill, ent, clip_lo, clip_hi, dual_c,
                                            kl_coef, ent_coef, HAS_REF, HAS_DUAL)
+    if TEACHER == 3:
+        c_lp += lam * distill
     tl.store(out_ptr + 0 * R + rows, loss, mask=rmask)
     tl.store(out_ptr + 1 * R + rows, logprob, mask=rmask)
     tl.store(out_ptr + 2 * R + rows, ent, mask=rmask)
@@ -121,6 +133,7 @@ def _atod_rows_kernel(
     tl.store(out_ptr + 4 * R + rows, pg, mask=rmask)
     tl.store(out_ptr + 5 * R + rows, kl, mask=rmask)
     tl.store(out_ptr + 6 * R + rows, clipped.to(tl.float32), mask=rmask)
+    tl.store(out_ptr + 7 * R + rows, ent_t, mask=rmask)
 
     if WRITE_GRAD:
         scale = tl.load(scale_ptr)
@@ -139,38 +152,45 @@ def _atod_rows_kernel(
 def cuda_config(cc: int, vocab: int):
     """(block constexprs, launch options) on a GPU of compute capability ``cc`` (90 Hopper, 80 Ampere).
 
-    One row per program sweeping 2048-wide vocabulary tiles: 46–68 registers and no stack on sm_80
+    One row per program sweeping 2048-wide vocabulary tiles: 36–78 registers and no stack on sm_80
     and sm_90 (benchmarks/kernel_resources.py), the kernel is bandwidth-bound, one config serves both.
     """
     return dict(BLOCK_R=1, BLOCK_V=min(triton.next_power_of_2(vocab), 2048)), dict(num_warps=8)
 
 
 def atod_rows(zs, zt, tgt, old, adv, lam, ref, sparse_sums, scale, *, teacher, divergence, jsd_beta, temperature,
-              clip_eps_low, clip_eps_high, dual_clip, kl_coef, entropy_coef, write_grad):
+              clip_eps_low, clip_eps_high, dual_clip, kl_coef, entropy_coef, write_grad, teacher_logprobs=None):
     """Per-row ATOD terms of a chunk; with ``write_grad`` overwrite ``zs`` with d(loss)/d(zs).
 
     Shapes: zs, zt ``[R, V]`` float32 raw logits (zt ignored unless ``teacher == "dense"``), row stride 1
-    along V; tgt ``[R]`` int64; old, adv, lam, ref ``[R]`` float32; sparse_sums ``[R, 3]`` float32;
-    scale ``[1]`` float32 (1 / (normalizer · T)). Returns ``[7, R]`` float32 in the order of ``OUT_FIELDS``.
+    along V; tgt ``[R]`` int64; old, adv, lam, ref ``[R]`` float32 (old None: the rows' own log-probs,
+    adv None: no PPO); sparse_sums ``[R, 3]`` float32; teacher_logprobs ``[R]`` float32 (sampled teacher);
+    scale ``[1]`` float32 (1 / (normalizer · T)). Returns ``[8, R]`` float32 in the order of ``OUT_FIELDS``.
     """
     r, v = zs.shape
     assert zs.dtype == torch.float32 and zs.stride(1) == 1
     out = torch.empty((len(OUT_FIELDS), r), dtype=torch.float32, device=zs.device)
     if r == 0:
         return out
+    if (teacher == "sampled") != (teacher_logprobs is not None):
+        raise ValueError(f"teacher_logprobs is the sampled teacher's input (teacher={teacher!r})")
+    if adv is None:  # pg = −0·r = 0 and never clipped: the PPO terms vanish without a kernel variant
+        adv = torch.zeros(r, dtype=torch.float32, device=zs.device)
     if zs.device.type == "cuda":
         blocks, launch = cuda_config(torch.cuda.get_device_capability(zs.device)[0] * 10, v)
     else:  # interpreter: a few rows per program keep numpy's work per program low
         blocks = dict(BLOCK_R=min(16, triton.next_power_of_2(r)), BLOCK_V=min(triton.next_power_of_2(v), 256))
         launch = dict(num_warps=1)
     zt_ = zt if teacher == "dense" else zs
+    # Unused pointers get a tensor of the right kind; DIV is read with a dense teacher only.
     _atod_rows_kernel[(triton.cdiv(r, blocks["BLOCK_R"]),)](
         zs, zt_, zs.stride(0), zt_.stride(0),
-        tgt, old, adv, lam, old if ref is None else ref, old if sparse_sums is None else sparse_sums, scale, out,
+        tgt, adv if old is None else old, adv, lam, adv if ref is None else ref,
+        adv if sparse_sums is None else sparse_sums, adv if teacher_logprobs is None else teacher_logprobs, scale, out,
         r, v, 1.0 / temperature, 1.0 - clip_eps_low, 1.0 + clip_eps_high,
         0.0 if dual_clip is None else float(dual_clip), float(kl_coef), float(entropy_coef),
         *jsd_constants(jsd_beta),
-        TEACHER=TEACHER_CODES[teacher], DIV=DIV_CODES[divergence], HAS_REF=ref is not None,
-        HAS_DUAL=dual_clip is not None, WRITE_GRAD=write_grad, **blocks, **launch,
+        TEACHER=TEACHER_CODES[teacher], DIV=DIV_CODES.get(divergence, 0), HAS_OLD=old is not None,
+        HAS_REF=ref is not None, HAS_DUAL=dual_clip is not None, WRITE_GRAD=write_grad, **blocks, **launch,
     )
     return out

@@ -25,36 +25,6 @@ CPU_BUDGET_BYTES = 256 << 20
 """Working-set budget of one chunk on the CPU (there is no free-memory query worth trusting)."""
 GPU_BUDGET_BYTES = (256 << 20, 4 << 30)
 """On CUDA the chunk gets a quarter of the free memory, clamped to this range."""
-TRITON_PENDING = frozenset({"sampled_reverse_kl", "old_logprobs=None", "teacher_entropy"})
-"""What the Triton row kernel (kernels/atod_loss.py) does not compute yet. The first two are refused
-with a ValueError rather than answered wrongly; a missing ``teacher_entropy`` row is filled here from
-the chunk's logits. Remove an entry when the kernel gains it."""
-
-
-def pending_features(x: LossInputs) -> list[str]:
-    """The features of this call, by the names of ``TRITON_PENDING`` (and of fused.FUSED_PENDING)."""
-    used = []
-    if x.hp.divergence == "sampled_reverse_kl":
-        used.append("sampled_reverse_kl")
-    if x.old_logprobs is None:
-        used.append("old_logprobs=None")
-    if x.teacher_logits is not None:
-        used.append("teacher_logits")
-    return used
-
-
-def refuse_pending(backend: str, x: LossInputs, pending) -> None:
-    missing = [f for f in pending_features(x) if f in pending]
-    if missing:
-        raise ValueError(f"backend={backend!r} does not support {', '.join(missing)} yet; "
-                         "use backend='torch' (or 'reference') for this call")
-
-
-def teacher_entropy_rows(zt: torch.Tensor, temperature: float) -> torch.Tensor:
-    """−Σ p_t log p_t per row of raw teacher logits (a host fallback for kernels without it). [R, V] -> [R]"""
-    lpt = torch.log_softmax(zt / temperature if temperature != 1.0 else zt, dim=-1)
-    return -(lpt.exp() * lpt).sum(-1)
-
 
 def mm_acc(a: torch.Tensor, b: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
     """``a @ b`` accumulated and returned in ``dt``.
@@ -200,8 +170,6 @@ class _ChunkedAtodLoss(torch.autograd.Function):
 
         old, adv, lam, ref, tlp = (rows(t) for t in (x.old_logprobs, x.advantages, x.lam, x.ref_logprobs,
                                                      x.teacher_logprobs))
-        if adv is None and kind == "triton":  # the kernel reads an advantage per row; 0 means no PPO term
-            adv = torch.zeros_like(lam)
         ht = None if teacher is None else x.teacher_hidden.detach().index_select(0, idx)
         # Given teacher logits: the first `vocab` columns of the live rows, copied per chunk (the row
         # function overwrites its zt).
@@ -228,7 +196,6 @@ class _ChunkedAtodLoss(torch.autograd.Function):
         kw = dict(teacher=x.teacher, divergence=hp.divergence, jsd_beta=hp.jsd_beta, temperature=hp.temperature,
                   clip_eps_low=hp.clip_eps_low, clip_eps_high=hp.clip_eps_high, dual_clip=hp.dual_clip,
                   kl_coef=hp.kl_coef, entropy_coef=hp.entropy_coef, write_grad=write_grad)
-        fill_teacher_entropy = kind == "triton" and "teacher_entropy" in TRITON_PENDING
         for s in range(0, n_live, chunk):
             e = min(s + chunk, n_live)
             hc = h_live[s:e]
@@ -239,9 +206,6 @@ class _ChunkedAtodLoss(torch.autograd.Function):
                 zt = zt_given.index_select(0, idx[s:e]).to(dt)
             else:
                 zt = None if teacher is None else teacher.logits(ht[s:e], zt_buf)
-            ent_t = None
-            if fill_teacher_entropy and zt is not None:
-                ent_t = teacher_entropy_rows(zt, hp.temperature)  # before the row function may overwrite zt
             sp = None
             if x.teacher == "sparse":
                 z_id = zs.gather(1, ids[s:e]) * (1.0 / hp.temperature)
@@ -250,8 +214,6 @@ class _ChunkedAtodLoss(torch.autograd.Function):
             if tlp is not None:  # only a row function that has the sampled teacher gets the keyword
                 kw["teacher_logprobs"] = tlp[s:e]
             o = rows_fn(zs, zt, tgt[s:e], *(row_slice(t, s, e) for t in (old, adv, lam, ref)), sp, scale, **kw)
-            if fill_teacher_entropy:  # −Σ p̂ log p̂ for a sparse teacher, as the row functions report it
-                o[7] = -sp[:, 0] if sp is not None else (0.0 if ent_t is None else ent_t)
             out.index_copy_(1, idx[s:e], o.to(dt))
             if not write_grad:
                 continue
@@ -291,8 +253,6 @@ class _ChunkedAtodLoss(torch.autograd.Function):
 
 def atod_loss_chunked(x: LossInputs, kind: str):
     """The ``torch`` (kind="torch") and ``triton`` (kind="triton") backends of ``atod_loss``."""
-    if kind == "triton":
-        refuse_pending("triton", x, TRITON_PENDING)
     sink: dict = {}
     loss = _ChunkedAtodLoss.apply(x.student_hidden, x.student_weight, x.student_bias, x, kind, sink)
     return loss, sink

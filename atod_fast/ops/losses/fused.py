@@ -1,9 +1,11 @@
 """The ``triton_fused`` backend: no logits in memory at all, not even a chunk's.
 
-The forward kernel returns 8 statistics per live row; the per-row PPO / k3 / λ terms are then
+The forward kernel returns 9 statistics per live row; the per-row PPO / k3 / λ terms are then
 O(N) work done here with the same ``ppo_rows`` as the torch backend. The backward kernel
 recomputes the logits tiles and accumulates the gradients; it needs grad_output, so it runs in
-the backward (unlike the chunked backends, which form the gradient in the forward).
+the backward (unlike the chunked backends, which form the gradient in the forward). A dense
+teacher given as ``teacher_logits`` is read by both kernels tile by tile, in place of forming
+its tiles from hidden states.
 
 A sampled teacher (``sampled_reverse_kl``) needs no kernel support: its D depends on the target's
 log-prob only, so the kernels run without a teacher and λ·D reaches the gradient through c_lp.
@@ -15,27 +17,8 @@ import torch
 
 from atod_fast.kernels.codes import OUT_FIELDS
 
-from .chunked import Head, refuse_pending, teacher_entropy_rows
 from .inputs import LossInputs
 from .rowwise import ppo_rows, sampled_rows
-
-FUSED_PENDING = frozenset({"teacher_logits", "teacher_entropy"})
-"""What the fused kernels (kernels/atod_loss_fused.py) do not compute yet: ``teacher_logits`` is refused
-with a ValueError; a dense teacher's entropy is computed here, in chunks of teacher logits. Remove an
-entry when the kernels gain it."""
-TEACHER_ENTROPY_CHUNK = 256
-"""Rows of teacher logits per chunk of that host fallback."""
-
-
-def dense_teacher_entropy(x: LossInputs, idx: torch.Tensor) -> torch.Tensor:
-    """−Σ p_t log p_t of the dense teacher on rows ``idx``, float32, a chunk of rows at a time. -> [len(idx)]"""
-    head = Head(x.teacher_weight, x.teacher_bias, x.vocab, torch.float32)
-    ht = x.teacher_hidden.detach()
-    # At most Ht rows: a chunk of logits is then never larger than the teacher's head itself.
-    c = max(1, min(TEACHER_ENTROPY_CHUNK, ht.shape[1]))
-    parts = [teacher_entropy_rows(head.logits(ht.index_select(0, idx[s:s + c])), x.hp.temperature)
-             for s in range(0, idx.numel(), c)]
-    return torch.cat(parts) if parts else torch.zeros(0, device=idx.device)
 
 
 def operands(weight, bias, hidden, vocab):
@@ -49,6 +32,20 @@ def operands(weight, bias, hidden, vocab):
         w = w.float()
     b = None if bias is None else bias.detach()[:vocab].float()
     return hidden.to(w.dtype), w, b
+
+
+def logits_operand(logits, idx, vocab):
+    """The first ``vocab`` columns of the live rows of given teacher logits, as the kernels read them.
+
+    A view when every row is live (no copy of an [N, V] input), else a gather of the live rows; any
+    strides. Half and float32 logits are read as they are (widened per tile); float64 runs in float32.
+    """
+    z = logits.detach()[:, :vocab]
+    if idx.numel() != z.shape[0]:
+        z = z.index_select(0, idx)
+    if z.dtype == torch.float64:
+        z = z.float()
+    return z
 
 
 class _FusedAtodLoss(torch.autograd.Function):
@@ -68,7 +65,9 @@ class _FusedAtodLoss(torch.autograd.Function):
 
         hs, ws, bs = operands(w_s, b_s, h_s.detach().index_select(0, idx), x.vocab)
         ht = wt = bt = ids = phat = None
-        if x.teacher == "dense":
+        if x.teacher_logits is not None:
+            ht = logits_operand(x.teacher_logits, idx, x.vocab)  # wt None: the kernels read logits
+        elif x.teacher == "dense":
             ht, wt, bt = operands(x.teacher_weight, x.teacher_bias, x.teacher_hidden.detach().index_select(0, idx),
                                    x.vocab)
         tgt = x.target_ids.index_select(0, idx).contiguous()
@@ -92,7 +91,7 @@ class _FusedAtodLoss(torch.autograd.Function):
         m_s, log_ls, ent, logprob = stats[0], stats[1], stats[2], stats[3]
         if x.teacher == "dense":
             distill = stats[4]
-            ent_t = dense_teacher_entropy(x, idx)
+            ent_t = stats[8]
         elif x.teacher == "sparse":
             s_hat = phat.sum(-1)
             distill = plogp - stats[4] + s_hat * (m_s + log_ls)
@@ -150,7 +149,6 @@ class _FusedAtodLoss(torch.autograd.Function):
 
 def atod_loss_fused(x: LossInputs):
     """The ``triton_fused`` backend of ``atod_loss``."""
-    refuse_pending("triton_fused", x, FUSED_PENDING)
     sink: dict = {}
     loss = _FusedAtodLoss.apply(x.student_hidden, x.student_weight, x.student_bias, x, sink)
     return loss, sink
