@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -87,19 +85,14 @@ def summarize(out: Path, results: dict[str, dict], seeds: list[int], args) -> di
                          "std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
                          "s_per_step": secs, "s_per_step_median": statistics.median(secs)}
     return {"sources": table, "seeds": seeds, "max_steps": args.max_steps, "eval_episodes": args.eval_episodes,
-            "topk": args.topk, "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            "topk": args.topk, "machine": machine(next(iter(results.values()))),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
-def machine() -> str:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+def machine(res: dict) -> str:
+    """The machine a compare grid recorded in its results.json."""
+    m = res["machine"]
+    return f"{m['cpu']}, {m['cpu_count']} cores, torch {m['torch']}" + (f", {m['gpu']}" if m.get("gpu") else "")
 
 
 def markdown(summary: dict) -> str:
