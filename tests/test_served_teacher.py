@@ -428,5 +428,6 @@ def test_resume_may_move_the_teacher_server_but_not_drop_it():
     assert incompatible_keys(a, moved) == []
     assert incompatible_keys(a, load_train_config(None, ["loss.divergence=forward_kl"])) == ["model.teacher_server"]
     assert "model.teacher_topk" in incompatible_keys(a, load_train_config(None, [*served, "model.teacher_topk=7"]))
-    with pytest.raises(ConfigError, match=r"loss\.divergence: expected forward_kl with model\.teacher_server"):
+    with pytest.raises(ConfigError,
+                       match=r"loss\.divergence: expected forward_kl or sampled_reverse_kl with model\.teacher_server"):
         load_train_config(None, ["model.teacher_server=http://a:8000"])
