@@ -139,3 +139,25 @@ def test_scienceworld_protocol_and_gold_path_expert(task):
     assert first.startswith("Task Description:") and "This room is called" in first
     obs, reward, done, info = env.step("fly away")
     assert info["invalid"] and not done and "not an action ScienceWorld knows" in obs
+
+
+def test_train_two_steps_on_coin_then_evaluate_held_out(tmp_path, private_cache):
+    # `atod-fast train env.name=textworld_express env.kwargs.game=coin max_steps=2`, with tiny models: the built-in
+    # teacher made from the gold-path expert, the hand-over's bar, two steps, then `atod-fast eval` on the test fold.
+    from atod_fast.cli import main
+    from atod_fast.trainer.metrics import read_metrics
+
+    run = tmp_path / "run"
+    tiny = ["sft.steps=10", "sft.episodes=32", "sft.batch_size=8", "sft.arch.hidden_size=32",
+            "sft.arch.intermediate_size=64", "sft.arch.num_heads=2", "model.student_arch.hidden_size=32",
+            "model.student_arch.intermediate_size=64", "model.student_arch.num_heads=2", "env.kwargs.max_turns=3",
+            "rollout.episodes_per_step=4", "eval.episodes=4", "logging.progress=false", "logging.tensorboard=false"]
+    assert main(["train", "--output-dir", str(run), "env.name=textworld_express", "env.kwargs.game=coin",
+                 "max_steps=2", *tiny]) == 0
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == [1, 2] and all(r["turns_mean"] > 0 and r["env_errors"] == 0 for r in rows)
+    import json
+
+    table = json.loads((run / "eval.json").read_text())  # the end-of-run held-out table
+    assert "student-after" in json.dumps(table)
+    assert main(["eval", "--checkpoint", str(run), "--no-compare", "--episodes", "4", "--json"]) == 0
