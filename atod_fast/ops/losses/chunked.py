@@ -26,6 +26,7 @@ CPU_BUDGET_BYTES = 256 << 20
 GPU_BUDGET_BYTES = (256 << 20, 4 << 30)
 """On CUDA the chunk gets a quarter of the free memory, clamped to this range."""
 
+
 def mm_acc(a: torch.Tensor, b: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
     """``a @ b`` accumulated and returned in ``dt``.
 
