@@ -134,6 +134,24 @@ def _grad_matmuls(dz, hc, w, grad_h_rows, grad_w, dt):
             grad_w += mm_acc(dz_op.t(), hc, dt)
 
 
+def teacher_chunks(x: LossInputs, idx: torch.Tensor, dt: torch.dtype, rows: int):
+    """``zt(s, e)``: the dense teacher's raw logits of live rows ``idx[s:e]`` (None without a dense teacher), in one
+    ``[rows, V]`` buffer reused by every chunk where the dtypes allow (the row function overwrites its zt)."""
+    if x.teacher != "dense":
+        return lambda s, e: None
+    dev, vocab = idx.device, x.vocab
+    if x.teacher_logits is not None:  # given logits: the first `vocab` columns, gathered row by row
+        given = x.teacher_logits.detach()[:, :vocab]
+        if given.dtype != dt:
+            return lambda s, e: given.index_select(0, idx[s:e]).to(dt)
+        buf = torch.empty(rows, vocab, dtype=dt, device=dev)
+        return lambda s, e: torch.index_select(given, 0, idx[s:e], out=buf[: e - s])
+    head = Head(x.teacher_weight, x.teacher_bias, vocab, dt)
+    ht = x.teacher_hidden.detach().index_select(0, idx)
+    buf = torch.empty(rows, vocab, dtype=dt, device=dev) if head.w.dtype == dt else None
+    return lambda s, e: head.logits(ht[s:e], buf)
+
+
 class _ChunkedAtodLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_s, w_s, b_s, x: LossInputs, kind: str, sink: dict):
@@ -155,9 +173,6 @@ class _ChunkedAtodLoss(torch.autograd.Function):
         scale = (1.0 / hp.temperature / denom).reshape(1)
 
         student = Head(w_s, b_s, vocab, dt)
-        teacher = None
-        if x.teacher == "dense" and x.teacher_logits is None:
-            teacher = Head(x.teacher_weight, x.teacher_bias, vocab, dt)
         grad_h = torch.zeros(n_live, hdim, dtype=dt, device=dev) if need_h else None
         grad_w = torch.zeros(vocab, hdim, dtype=dt, device=dev) if need_w else None
         grad_b = torch.zeros(vocab, dtype=dt, device=dev) if need_b and b_s is not None else None
@@ -171,10 +186,6 @@ class _ChunkedAtodLoss(torch.autograd.Function):
 
         old, adv, lam, ref, tlp = (rows(t) for t in (x.old_logprobs, x.advantages, x.lam, x.ref_logprobs,
                                                      x.teacher_logprobs))
-        ht = None if teacher is None else x.teacher_hidden.detach().index_select(0, idx)
-        # Given teacher logits: the first `vocab` columns of the live rows, copied per chunk (the row
-        # function overwrites its zt).
-        zt_given = None if x.teacher_logits is None else x.teacher_logits.detach()[:, :vocab]
         if x.teacher == "sparse":
             ids = x.teacher_topk_ids.index_select(0, idx)
             lp_hat = torch.log_softmax(x.teacher_topk_logprobs.detach().index_select(0, idx).to(dt), dim=-1)
@@ -183,17 +194,13 @@ class _ChunkedAtodLoss(torch.autograd.Function):
             p_hat = torch.where(pos, p_hat, torch.zeros_like(p_hat))
             plogp = torch.where(pos, p_hat * lp_hat, torch.zeros_like(p_hat))
 
-        hid = hdim + (0 if ht is None else ht.shape[1])
+        dense_hidden = x.teacher == "dense" and x.teacher_logits is None
+        hid = hdim + (x.teacher_hidden.shape[1] if dense_hidden else 0)
         rows_fn, row_buffers = _rows_fn(kind, dt, dev, n_live * vocab)
         chunk = x.chunk_size or choose_chunk_size(n_live, vocab, hid, row_buffers=row_buffers, device=dev)
-        # Two [C, V] buffers reused by every chunk: on the CPU a fresh one per chunk costs a page fault per 4 KiB.
-        def buffer(head):
-            return torch.empty(min(chunk, n_live), vocab, dtype=dt, device=dev) if head.w.dtype == dt else None
-
-        zs_buf = buffer(student)
-        zt_buf = None if teacher is None else buffer(teacher)
-        if zt_given is not None and zt_given.dtype == dt:
-            zt_buf = torch.empty(min(chunk, n_live), vocab, dtype=dt, device=dev)
+        # [C, V] buffers reused by every chunk: on the CPU a fresh one per chunk costs a page fault per 4 KiB.
+        zs_buf = torch.empty(min(chunk, n_live), vocab, dtype=dt, device=dev) if student.w.dtype == dt else None
+        teacher_logits = teacher_chunks(x, idx, dt, min(chunk, n_live))
         kw = dict(teacher=x.teacher, divergence=hp.divergence, jsd_beta=hp.jsd_beta, temperature=hp.temperature,
                   clip_eps_low=hp.clip_eps_low, clip_eps_high=hp.clip_eps_high, dual_clip=hp.dual_clip,
                   kl_coef=hp.kl_coef, entropy_coef=hp.entropy_coef, write_grad=write_grad)
@@ -201,12 +208,7 @@ class _ChunkedAtodLoss(torch.autograd.Function):
             e = min(s + chunk, n_live)
             hc = h_live[s:e]
             zs = student.logits(hc, zs_buf)
-            if zt_buf is not None and teacher is None:  # given logits, gathered into the reused buffer
-                zt = torch.index_select(zt_given, 0, idx[s:e], out=zt_buf[: e - s])
-            elif zt_given is not None:
-                zt = zt_given.index_select(0, idx[s:e]).to(dt)
-            else:
-                zt = None if teacher is None else teacher.logits(ht[s:e], zt_buf)
+            zt = teacher_logits(s, e)
             sp = None
             if x.teacher == "sparse":
                 z_id = zs.gather(1, ids[s:e]) * (1.0 / hp.temperature)
