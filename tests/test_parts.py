@@ -249,3 +249,36 @@ def test_gae_estimator_matches_per_turn_reward_placement(seed):
     assert batch.agent_turns.tolist() == agent_turns
     assert batch.targets.tolist() == [x for t in trajs for x, a in zip(t.tokens, t.action_mask, strict=True) if a]
     assert batch.trajectory_of_rows().tolist() == [b for b, n in enumerate(batch.counts) for _ in range(n)]
+
+
+@pytest.mark.parametrize("cpu_threads", [None, 2])
+def test_tiny_models_decode_on_one_thread_and_update_on_the_default(tmp_path, monkeypatch, cpu_threads):
+    """``cpu_threads=null``: rollouts of the tiny built-in models run on 1 thread, the batched passes on torch's
+    process default; a set ``cpu_threads`` holds for both."""
+    from atod_fast.trainer.loop import Trainer
+
+    monkeypatch.setattr("atod_fast.trainer.loading._PROCESS_THREADS", 3)  # whatever the machine's default is
+    saved = torch.get_num_threads()
+    cfg = load_train_config(None, [*TINY, f"output_dir={tmp_path}", "max_steps=1",
+                                   *([] if cpu_threads is None else [f"cpu_threads={cpu_threads}"])])
+    try:
+        tr = Trainer(cfg)
+        tr.setup(progress=False)
+        seen = {}
+        play, update = tr.rollout_engine.rollout, tr.learner.update
+
+        def rollout(step):
+            seen["rollout"] = torch.get_num_threads()
+            return play(step)
+
+        def learn(*a, **kw):
+            seen["update"] = torch.get_num_threads()
+            return update(*a, **kw)
+
+        tr.rollout_engine.rollout, tr.learner.update = rollout, learn
+        tr.step(1)
+        batched = 3 if cpu_threads is None else cpu_threads
+        assert seen == {"rollout": 1 if cpu_threads is None else cpu_threads, "update": batched}
+        assert torch.get_num_threads() == batched  # restored after the rollout
+    finally:
+        torch.set_num_threads(saved)

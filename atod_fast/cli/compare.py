@@ -157,7 +157,7 @@ def baseline_evals(grid: Grid, log) -> tuple[dict | None, dict[int, dict]]:
 
     method = grid.trained()[0] if grid.trained() else "teacher"
     cfg = load_train_config(grid.config, [*grid.common_overrides(), *(METHODS[method][1] or [])])
-    set_cpu_threads(cfg.cpu_threads, tiny=cfg.model.student == "builtin")
+    torch.set_num_threads(set_cpu_threads(cfg.cpu_threads, tiny=cfg.model.student == "builtin"))  # evaluation only
     teacher_path = teacher_location(cfg, progress=False)
     device = resolve_device(cfg.device)
     kw = eval_kwargs(cfg, device, grid.eval_episodes)

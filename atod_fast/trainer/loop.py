@@ -40,6 +40,7 @@ from .loading import (
     restore_training_state,
     set_cpu_threads,
     teacher_location,
+    torch_threads,
 )
 from .metrics import MetricsWriter
 from .models import load_causal_lm
@@ -75,9 +76,11 @@ class Trainer:
 
     def setup(self, *, progress: bool = True) -> None:
         cfg, dev = self.cfg, self.device
-        set_cpu_threads(cfg.cpu_threads, tiny=cfg.model.student == BUILTIN and cfg.model.teacher in (BUILTIN, None))
         with self.dist.main_first():  # one rank builds the built-in teacher, the others read the cache
             self.teacher_path = teacher_location(cfg, progress=progress and self.dist.is_main)
+        # After the teacher build, which sets its own threads.
+        self.decode_threads = set_cpu_threads(cfg.cpu_threads,
+                                              tiny=cfg.model.student == BUILTIN and cfg.model.teacher in (BUILTIN, None))
         m = self.models = load_models(cfg, self.teacher_path, device=dev, world=self.dist.world,
                                       resume_from=self.resume_from)
         self.max_turns = cfg.rollout.max_turns or cfg.env.make().max_turns
@@ -108,7 +111,8 @@ class Trainer:
 
     # ----------------------------------------------------------------- one step
     def rollout(self, step: int) -> list[Trajectory]:
-        return self.rollout_engine.rollout(step)
+        with torch_threads(self.decode_threads):
+            return self.rollout_engine.rollout(step)
 
     @torch.no_grad()
     def prepare(self, step: int, trajs: list[Trajectory]) -> tuple[StepBatch, dict[str, torch.Tensor] | None]:
@@ -183,7 +187,8 @@ class Trainer:
             for step in range(self.start_step + 1, cfg.max_steps + 1):
                 m = self.step(step)
                 if main and cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.max_steps):
-                    m.update(heldout_metrics(cfg, self.models.policy.lm, self.models.tokenizer, self.device))
+                    with torch_threads(self.decode_threads):
+                        m.update(heldout_metrics(cfg, self.models.policy.lm, self.models.tokenizer, self.device))
                 if writer is not None:
                     writer.write(m)
                 self.guard.check(step, m, last_good=last_good, warn=main)
@@ -206,7 +211,8 @@ class Trainer:
         student = load_causal_lm(str(ckpt / "student"), dtype=cfg.model.dtype)[0].to(self.device) \
             if self.engine.zero3 else m.policy.lm
         teacher = None if cfg.distributed.teacher_zero3 else m.teacher  # sharded over the ranks: not evaluated
-        return final_evaluation(cfg, self.run_dir, student, m.tokenizer, teacher, self.teacher_path, self.device)
+        with torch_threads(self.decode_threads):
+            return final_evaluation(cfg, self.run_dir, student, m.tokenizer, teacher, self.teacher_path, self.device)
 
 
 def _check_run(cfg: TrainConfig, world: int, device: torch.device) -> None:
