@@ -282,3 +282,34 @@ def test_tiny_models_decode_on_one_thread_and_update_on_the_default(tmp_path, mo
         assert torch.get_num_threads() == batched  # restored after the rollout
     finally:
         torch.set_num_threads(saved)
+
+
+def test_reward_success_trains_on_wins_alone(tmp_path, teacher_path):
+    """``rollout.reward=success``: the step's rewards are the episodes' successes (partial credit is gone), and a
+    value that is neither is refused by name."""
+    from atod_fast.envs import GuessNumberEnv, register, registered
+    from atod_fast.trainer.config import ConfigError
+    from atod_fast.trainer.loop import Trainer
+
+    class PartialCredit(GuessNumberEnv):  # pays for every turn played, as textarena pays for close guesses
+        def step(self, action):
+            obs, reward, done, info = super().step(action)
+            return obs, reward + 0.25, done, info
+
+    if "test_partial_credit" not in registered():
+        register("test_partial_credit", PartialCredit, "guess_number that pays 0.25 per turn")
+    over = [*TINY, f"output_dir={tmp_path}", "max_steps=1", "env.name=test_partial_credit",
+            f"model.teacher={teacher_path}", "schedule.handover=fixed"]
+    for reward in ("env", "success"):
+        tr = Trainer(load_train_config(None, [*over, f"rollout.reward={reward}"]))
+        tr.setup(progress=False)
+        trajs = tr.rollout(1)
+        paid = [t.reward for t in trajs]
+        if reward == "env":
+            assert all(r >= 0.25 for r in paid)
+        else:
+            assert paid == [float(t.success) for t in trajs]
+    m = tr.step(2)
+    assert m["reward_mean"] == m["success_rate"]
+    with pytest.raises(ConfigError, match="rollout.reward"):
+        load_train_config(None, ["rollout.reward=wins"])

@@ -80,3 +80,16 @@ def test_token_budget_and_env_errors_end_episodes(tok_and_lm):
         assert last_start + 4 <= first + 16 < len(t.tokens) + 4
     assert trajs[1].end_reason == "error" and not trajs[1].success and "ValueError: boom" in trajs[1].error
     assert trajs[1].turn_rewards == [0.0] and not trajs[1].truncated
+
+
+def test_success_rewards_replace_partial_credit():
+    from atod_fast.trainer.rollout import Trajectory, success_rewards
+
+    won, lost, cut, errored = (Trajectory(seed=s) for s in range(4))
+    won.turn_rewards, won.success = [0.0, 0.2, 1.0], True
+    lost.turn_rewards, lost.success = [0.0, 0.7], False  # partial credit for a close guess
+    cut.turn_rewards, cut.success = [0.0, 0.0], False
+    errored.turn_rewards = []
+    success_rewards([won, lost, cut, errored])
+    assert [t.turn_rewards for t in (won, lost, cut, errored)] == [[0.0, 0.0, 1.0], [0.0, 0.0], [0.0, 0.0], []]
+    assert [t.reward for t in (won, lost)] == [1.0, 0.0]

@@ -214,12 +214,19 @@ class RolloutConfig:
     vllm package; the student's weights are synced into it after every update)."""
     vllm_gpu_memory_utilization: float = 0.3
     """Fraction of GPU memory vLLM may take for weights and KV cache (rollout.engine=vllm)."""
+    reward: str = "env"
+    """What the PPO terms learn from. env: the environment's rewards; success: 1 at an episode's last turn when it
+    succeeded, else 0 (for environments whose reward pays partial credit, e.g. textarena's GuessTheNumber pays
+    for the closeness of a losing guess, so that raising the reward need not raise the wins). Metrics on training
+    episodes (reward_mean) then report the reward learned from; held-out evaluation always reports the
+    environment's."""
     group_size: int | None = None
     """Episodes that share an environment seed (consecutive episodes of a step, a group); episodes_per_step must
     be a multiple of it. null: 1 under ppo.advantage=gae, 8 under grpo (whose baseline is the group's mean)."""
 
     def __post_init__(self):
         _need(self.engine in ("hf", "vllm"), "rollout.engine", "hf or vllm", self.engine)
+        _need(self.reward in ("env", "success"), "rollout.reward", "env or success", self.reward)
         _need(_num(self.vllm_gpu_memory_utilization) and 0 < self.vllm_gpu_memory_utilization < 1,
               "rollout.vllm_gpu_memory_utilization", "a number in (0, 1)", self.vllm_gpu_memory_utilization)
         for f in ("episodes_per_step", "max_new_tokens", "max_episode_tokens"):

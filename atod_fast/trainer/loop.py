@@ -45,7 +45,7 @@ from .loading import (
 from .metrics import MetricsWriter
 from .models import load_causal_lm
 from .reference import ReferenceScorer
-from .rollout import Trajectory, rollout_sums, stats_from_sums
+from .rollout import Trajectory, rollout_sums, stats_from_sums, success_rewards
 from .teacher import make_teacher, score_rows
 
 log = logging.getLogger("atod_fast")
@@ -112,7 +112,10 @@ class Trainer:
     # ----------------------------------------------------------------- one step
     def rollout(self, step: int) -> list[Trajectory]:
         with torch_threads(self.decode_threads):
-            return self.rollout_engine.rollout(step)
+            trajs = self.rollout_engine.rollout(step)
+        if self.cfg.rollout.reward == "success":
+            success_rewards(trajs)
+        return trajs
 
     @torch.no_grad()
     def prepare(self, step: int, trajs: list[Trajectory]) -> tuple[StepBatch, dict[str, torch.Tensor] | None]:

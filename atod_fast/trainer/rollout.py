@@ -251,6 +251,15 @@ def _check_generated(outs, n: int, max_new_tokens: int) -> None:
             raise RuntimeError(f"generate returned {len(ids)} tokens; expected 1 to max_new_tokens={max_new_tokens}")
 
 
+def success_rewards(trajs: Sequence[Trajectory]) -> None:
+    """``rollout.reward=success``: each episode's turn rewards become 0, but 1 at the last turn of an episode that
+    succeeded (in place)."""
+    for t in trajs:
+        t.turn_rewards = [0.0] * len(t.turn_rewards)
+        if t.success and t.turn_rewards:
+            t.turn_rewards[-1] = 1.0
+
+
 ROLLOUT_SUMS = ("episodes", "reward", "success", "turns", "invalid", "truncated", "errors", "tokens")
 
 
