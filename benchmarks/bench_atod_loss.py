@@ -19,7 +19,9 @@ import os
 import platform
 import re
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -221,12 +223,14 @@ def _step(fn, params, device):
     return t1 - t0, t2 - t1, float(loss.item())
 
 
-def measure(fns, kw, device, reps, warmup):
+def measure(fns, kw, device, reps, warmup, peaks=None):
     """{provider: {mode: (median ms, peak extra bytes), "first_s": s, "loss": value} or {"error": why}}.
 
     Providers are timed in interleaved rounds (the order rotates every round), so a noisy host slows
     them alike and the ratios of medians from one run hold. Peak memory is measured per provider
-    outside the timed rounds: the forward's on a forward whose graph stays alive, the step's on one step.
+    outside the timed rounds: the forward's on a forward whose graph stays alive, the step's on one step;
+    ``peaks`` ({provider: [forward peak, step peak]}) gives them from elsewhere instead (the CPU's memory
+    pass, see :func:`cpu_peaks`). ``reps=0`` measures memory alone.
     """
     params = [kw["student_hidden"], kw["student_weight"]]
     res, live = {}, {}
@@ -237,19 +241,24 @@ def measure(fns, kw, device, reps, warmup):
             res[name] = {"first_s": time.perf_counter() - t0, "loss": loss}
             for _ in range(warmup - 1):
                 _step(fn, params, device)
-            with PeakMemory(device) as fwd_mem:
-                out = fn()
-                sync(device)
-            del out
-            with PeakMemory(device) as mem:
-                _step(fn, params, device)
-            res[name].update(fwd_peak=fwd_mem.peak, peak=mem.peak)
+            if peaks is None:
+                with PeakMemory(device) as fwd_mem:
+                    out = fn()
+                    sync(device)
+                del out
+                with PeakMemory(device) as mem:
+                    _step(fn, params, device)
+                res[name].update(fwd_peak=fwd_mem.peak, peak=mem.peak)
+            else:
+                res[name].update(fwd_peak=peaks[name][0], peak=peaks[name][1])
             live[name] = fn
         except Exception as e:  # one provider failing (OOM, compile error) must not end the run
             oom = isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)) or "out of memory" in str(e)
             res[name] = {"error": "out of memory" if oom else f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+    if reps == 0:
+        return res
     times = {name: [] for name in live}
     names = list(live)
     for r in range(reps):
@@ -274,17 +283,17 @@ def _rows_of(key, r, modes, flops, mm_bf16, mm_dtype, base_ms, ref_peak):
     rows = []
     for mode in modes:
         ms, peak = r[mode]
-        row = dict(key, mode=mode, median_ms=round(ms, 3), peak_mib=round(peak / 2**20, 1))
+        row = dict(key, mode=mode, median_ms=round(ms, 3), peak_mib=None if peak is None else round(peak / 2**20, 1))
         if mode == "full":
             row["tflops"] = round(flops / (ms * 1e-3) / 1e12, 4)
             row["pct_bf16_matmul"] = round(100 * row["tflops"] / mm_bf16, 2)
             row["pct_input_dtype_matmul"] = round(100 * row["tflops"] / mm_dtype, 2)
             row["x_matmul"] = round(ms / base_ms, 3) if base_ms else None
-            row["pct_reference_peak"] = round(100 * peak / ref_peak, 1) if ref_peak else None
+            row["pct_reference_peak"] = round(100 * peak / ref_peak, 1) if ref_peak and peak is not None else None
             row["first_call_s"] = round(r["first_s"], 2)
             row["loss"] = r["loss"]
         rows.append(row)
-        print(f"{shape} {mode:8s} {ms:10.2f} ms {peak / 2**20:9.1f} MiB"
+        print(f"{shape} {mode:8s} {ms:10.2f} ms {row['peak_mib']} MiB"
               + (f" x{row['x_matmul'] or 0:.2f} of matmul, {row['pct_bf16_matmul']:.1f}% of bf16 mm, "
                  f"loss {r['loss']:.6g}, first call {r['first_s']:.1f} s" if mode == "full" else ""))
     return rows
@@ -323,17 +332,25 @@ def device_slug(device):
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def _reexec_for_honest_rss():
-    """On the CPU, peak RSS shows an allocation only if freed memory goes back to the OS: make glibc
-    serve every allocation of 64 KiB or more with its own mmap (fixed threshold) before torch starts."""
-    if torch.cuda.is_available() or os.environ.get("MALLOC_MMAP_THRESHOLD_") or sys.platform != "linux":
-        return
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    os.execv(sys.executable, [sys.executable, *sys.argv])
+def cpu_peaks(argv) -> dict | None:
+    """Peak memory of every (shape, config, provider) on the CPU, from a run of this script in a child process.
+
+    Peak RSS shows an allocation only if freed memory goes back to the OS, so the child has glibc serve every
+    allocation of 64 KiB or more with its own mmap (a fixed threshold). That costs a page fault per fresh page,
+    which no process pays in normal use: the times come from this process, under the default allocator.
+    -> {"N,H,Ht,V,config": {provider: [forward peak, step peak]}}; None on CUDA or off Linux (measured in place).
+    """
+    if torch.cuda.is_available() or sys.platform != "linux":
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "peaks.json"
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+        subprocess.run([sys.executable, __file__, *argv, "--memory-only", str(path)], env=env, check=True,
+                       stdout=subprocess.DEVNULL)
+        return json.loads(path.read_text())
 
 
 def main(argv=None):
-    _reexec_for_honest_rss()
     logging.getLogger("torch._dynamo").setLevel(logging.ERROR)  # graph breaks at validation are expected
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--providers", default=",".join(PROVIDERS))
@@ -345,7 +362,9 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     ap.add_argument("--merge", action="store_true",
                     help="keep rows of an existing results file that this run did not measure (split long GPU runs)")
+    ap.add_argument("--memory-only", type=Path, default=None, help=argparse.SUPPRESS)  # cpu_peaks' child
     args = ap.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.threads:
@@ -355,6 +374,19 @@ def main(argv=None):
     reps = args.reps or (10 if gpu else 5)
     shapes = ([tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";")] if args.shapes
               else GPU_SHAPES if gpu else CPU_SHAPES)
+    if args.memory_only is not None:
+        peaks = {}
+        for n, h, ht, v in shapes:
+            for config in args.configs.split(","):
+                kw = make_inputs(n, h, ht, v, dtype, device, config)
+                fns = {p: f for p in args.providers.split(",")
+                       if not isinstance(f := provider_fn(p, kw, config, device), str)}
+                res = measure(fns, kw, device, 0, warmup=1)
+                peaks[f"{n},{h},{ht},{v},{config}"] = {p: [r["fwd_peak"], r["peak"]]
+                                                       for p, r in res.items() if "peak" in r}
+        args.memory_only.write_text(json.dumps(peaks))
+        return
+    peaks = cpu_peaks(argv) if not gpu else None
     mm_bf16 = matmul_tflops(device, torch.bfloat16, 8192 if gpu else 512, reps=10 if gpu else 3)
     mm_dtype = mm_bf16 if dtype == torch.bfloat16 else matmul_tflops(device, dtype, 1024, reps=3)
     print(f"device {device_slug(device)}, inputs {dtype}; measured matmul: bf16 {mm_bf16:.3f} TFLOP/s"
@@ -372,7 +404,9 @@ def main(argv=None):
                     notes[(prov, config)] = fn
                 else:
                     fns[prov] = fn
-            res = measure(fns, kw, device, reps, warmup=1)
+            mem = None if peaks is None else peaks.get(f"{n},{h},{ht},{v},{config}", {})
+            res = measure(fns, kw, device, reps, warmup=1,
+                          peaks=None if mem is None else {p: mem.get(p, [None, None]) for p in fns})
             base = res.get("matmul", {}).get("full", (None,))[0]
             ref_peak = res.get("reference", {}).get("peak")
             for prov, r in res.items():
@@ -394,7 +428,8 @@ def main(argv=None):
                 torch=torch.__version__, dtype=str(dtype), reps=reps, matmul_bf16_tflops=mm_bf16,
                 matmul_input_dtype_tflops=mm_dtype,
                 memory="CUDA max_memory_allocated" if gpu else
-                "peak RSS above the RSS at the start of the timed reps (VmHWM reset), MALLOC_MMAP_THRESHOLD_=65536",
+                "peak RSS above the RSS before the call (VmHWM reset), measured in a separate process with "
+                "MALLOC_MMAP_THRESHOLD_=65536; times under the default allocator",
                 host_load_at_end=os.getloadavg() if hasattr(os, "getloadavg") else None,
                 skipped={f"{p}/{c}": why for (p, c), why in notes.items()})
     path.write_text(json.dumps(dict(meta=meta, results=rows), indent=1))
