@@ -53,3 +53,18 @@ def test_compile_failure_falls_back_to_eager(compiled_path, monkeypatch):
     assert compiled_path and not any(compiled_path)
     assert_close(tri, ref, 1e-5)
     assert torch.isfinite(tri[0].loss)
+
+
+def test_compiled_rows_split_over_threads_match_reference(compiled_path):
+    """With 2 threads the compiled loops run OpenMP over each sub-block's rows (a second compiled variant)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        c = CASES["jsd"]
+        kw = make_case(**c["case"], seed=7)
+        ref = run(kw, "reference", 1.5, **c["hp"])
+        tri = run(kw, "torch", 1.5, chunk_size=16, **c["hp"])
+    finally:
+        torch.set_num_threads(saved)
+    assert compiled_path and all(compiled_path)
+    assert_close(tri, ref, 1e-5)

@@ -4,7 +4,8 @@ Same contract as :func:`rowwise.torch_rows` (per-row terms out, d(loss)/d(logits
 ``zs``). Eager PyTorch pays for every elementwise op with a pass over a [R, V] buffer and, on the
 CPU, a page fault per fresh 4 KiB of temporaries; compiled by Inductor, the whole function becomes
 a handful of vectorized loops per row (max, Σ exp, the divergence sums, the gradient) with no
-[R, V] temporaries, and the caller feeds it a few rows at a time so each row's passes hit the cache.
+[R, V] temporaries, and the caller feeds it a few rows at a time so each row's passes hit the cache;
+OpenMP inside the compiled loops splits those rows over torch's threads.
 
 Numerics against ``torch_rows``: p is ``exp(z − max) / Σ``, not ``exp(log_softmax)``; the JSD
 mixture is ``log((1 − β)p + βq)`` floored at the smallest normal float instead of ``logaddexp``
@@ -17,7 +18,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -113,7 +113,7 @@ def _stage_b(zs, e, tgt, a, c_lp, scale):
 
 def _rows_math(zs, zt, tgt, old, adv, lam, ref, sp, tlp, scale, **hp):
     """One sub-block: the two compiled stages (E lives in zt's buffer when there is one)."""
-    stage_a, stage_b = _compiled()
+    stage_a, stage_b = _compiled(torch.get_num_threads())
     out, a, c_lp, e = stage_a(zs, zt, tgt, old, adv, lam, ref, sp, tlp, **hp)
     if hp["write_grad"]:
         stage_b(zs, zt if zt is not None else e, tgt, a, c_lp, scale)
@@ -121,15 +121,11 @@ def _rows_math(zs, zt, tgt, old, adv, lam, ref, sp, tlp, scale, **hp):
 
 
 @functools.cache
-def _compiled():
-    # Single-threaded loops, run side by side by a pool (see compiled_rows): no OpenMP barrier per loop.
-    opts = dict(dynamic=True, options={"cpp.threads": 1})
+def _compiled(threads: int):
+    # Inductor's own OpenMP loops split each sub-block's rows over the threads. (Python threads would not: the
+    # compiled kernels' bindings hold the GIL, so a pool of them runs one kernel at a time.)
+    opts = dict(dynamic=True, options={"cpp.threads": threads})
     return torch.compile(_stage_a, **opts), torch.compile(_stage_b, **opts)
-
-
-@functools.cache
-def _pool(workers: int):
-    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="atod-rows")
 
 
 def compile_enabled() -> bool:
@@ -145,44 +141,28 @@ def row_slice(t, i, j):
     return None if t is None else t[i:j]
 
 
-def _run_span(fn, i0, i1, zs, zt, tgt, old, adv, lam, ref, sp, tlp, scale, hp):
-    outs = []
-    for i in range(i0, i1, SUB_ROWS):
-        j = min(i + SUB_ROWS, i1)
-        outs.append(fn(*(row_slice(t, i, j) for t in (zs, zt, tgt, old, adv, lam, ref, sp, tlp)), scale, **hp))
-    return outs
-
-
 def compiled_rows(zs, zt, tgt, old, adv, lam, ref, sparse_sums, scale, *, teacher_logprobs=None, **hp):
     """``torch_rows``' contract through the compiled function, ``SUB_ROWS`` rows per call.
 
-    The rows are split into one contiguous span per intra-op thread; each span runs its calls
-    on its own thread (the compiled loops are single-threaded and release the GIL), so the only
-    synchronisation is the join at the end. Returns None when compilation is unavailable or failed
-    for this configuration (the caller then runs the eager function); a failure is logged once.
+    Returns None when compilation is unavailable or failed for this configuration (the caller then runs the
+    eager function); a failure is logged once.
     """
     key = (*sorted(hp.items()), *(t is None for t in (zt, old, adv, ref, sparse_sums, teacher_logprobs)))
     if key in _failed:
         return None
-    fn = _rows_math
-    r = zs.shape[0]
-    args = (zs, zt, tgt, old, adv, lam, ref, sparse_sums, teacher_logprobs, scale, hp)
-    try:  # the first call compiles (or hits the cache) on this thread, before any worker starts
-        outs = _run_span(fn, 0, min(SUB_ROWS, r), *args)
-    except Exception as e:  # any compiler failure falls back to eager: correct, slower
-        _failed.add(key)
-        _log.warning("torch.compile of the loss rows failed (%s: %s); using eager PyTorch",
-                     type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
-        return None
-    start = min(SUB_ROWS, r)
-    workers = max(1, min(torch.get_num_threads(), -(-(r - start) // SUB_ROWS)))
-    bounds = [start + (r - start) * k // workers for k in range(workers + 1)]
-    if workers == 1:
-        outs += _run_span(fn, start, r, *args)
-    else:
-        futs = [_pool(workers).submit(_run_span, fn, bounds[k], bounds[k + 1], *args) for k in range(workers)]
-        for f in futs:
-            outs += f.result()
+    outs = []
+    for i in range(0, zs.shape[0], SUB_ROWS):
+        j = i + SUB_ROWS
+        rows = (row_slice(t, i, j) for t in (zs, zt, tgt, old, adv, lam, ref, sparse_sums, teacher_logprobs))
+        try:
+            outs.append(_rows_math(*rows, scale, **hp))
+        except Exception as e:  # any compiler failure falls back to eager: correct, slower
+            if i:
+                raise  # compiled once already: not a compiler failure
+            _failed.add(key)
+            _log.warning("torch.compile of the loss rows failed (%s: %s); using eager PyTorch",
+                         type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+            return None
     return torch.cat(outs, dim=1)
 
 
