@@ -214,8 +214,8 @@ def run_grid(grid: Grid, *, log=print) -> dict:
             d = grid.run_dir(m, s)
             d.mkdir(parents=True, exist_ok=True)
             logf = (d / "train.log").open("a")
-            # Runs side by side share the cores (tiny built-in models use one thread anyway); through the
-            # environment, so that --jobs is not part of a run's config and may change on resume.
+            # Runs side by side share the cores (cores // jobs threads each); through the environment, so that
+            # --jobs is not part of a run's config and may change on resume.
             env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // grid.jobs))}
             running[m, s] = (subprocess.Popen(_train_cmd(grid, m, s), stdout=logf, stderr=subprocess.STDOUT,
                                               env=env),
