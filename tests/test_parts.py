@@ -255,9 +255,10 @@ def test_gae_estimator_matches_per_turn_reward_placement(seed):
 def test_tiny_models_decode_on_one_thread_and_update_on_the_default(tmp_path, monkeypatch, cpu_threads):
     """``cpu_threads=null``: rollouts of the tiny built-in models run on 1 thread, the batched passes on torch's
     process default; a set ``cpu_threads`` holds for both."""
+    from atod_fast.trainer import engines
     from atod_fast.trainer.loop import Trainer
 
-    monkeypatch.setattr("atod_fast.trainer.loading._PROCESS_THREADS", 3)  # whatever the machine's default is
+    monkeypatch.setattr("atod_fast.trainer.threads._PROCESS_THREADS", 3)  # whatever the machine's default is
     saved = torch.get_num_threads()
     cfg = load_train_config(None, [*TINY, f"output_dir={tmp_path}", "max_steps=1",
                                    *([] if cpu_threads is None else [f"cpu_threads={cpu_threads}"])])
@@ -265,17 +266,18 @@ def test_tiny_models_decode_on_one_thread_and_update_on_the_default(tmp_path, mo
         tr = Trainer(cfg)
         tr.setup(progress=False)
         seen = {}
-        play, update = tr.rollout_engine.rollout, tr.learner.update
+        play, update = engines.play, tr.learner.update
 
-        def rollout(step):
+        def rollout(*a, **kw):
             seen["rollout"] = torch.get_num_threads()
-            return play(step)
+            return play(*a, **kw)
 
         def learn(*a, **kw):
             seen["update"] = torch.get_num_threads()
             return update(*a, **kw)
 
-        tr.rollout_engine.rollout, tr.learner.update = rollout, learn
+        monkeypatch.setattr(engines, "play", rollout)
+        tr.learner.update = learn
         tr.step(1)
         batched = 3 if cpu_threads is None else cpu_threads
         assert seen == {"rollout": 1 if cpu_threads is None else cpu_threads, "update": batched}
@@ -311,5 +313,5 @@ def test_reward_success_trains_on_wins_alone(tmp_path, teacher_path):
             assert paid == [float(t.success) for t in trajs]
     m = tr.step(2)
     assert m["reward_mean"] == m["success_rate"]
-    with pytest.raises(ConfigError, match="rollout.reward"):
+    with pytest.raises(ConfigError, match=r"rollout\.reward"):
         load_train_config(None, ["rollout.reward=wins"])

@@ -152,12 +152,13 @@ def baseline_evals(grid: Grid, log) -> tuple[dict | None, dict[int, dict]]:
 
     from ..trainer.distributed import resolve_device
     from ..trainer.evaluation import eval_kwargs, evaluate_model
-    from ..trainer.loading import initial_student, set_cpu_threads, teacher_location
+    from ..trainer.loading import initial_student, teacher_location
     from ..trainer.models import load_causal_lm
+    from ..trainer.threads import decode_threads
 
     method = grid.trained()[0] if grid.trained() else "teacher"
     cfg = load_train_config(grid.config, [*grid.common_overrides(), *(METHODS[method][1] or [])])
-    torch.set_num_threads(set_cpu_threads(cfg.cpu_threads, tiny=cfg.model.student == "builtin"))  # evaluation only
+    torch.set_num_threads(decode_threads(cfg))  # this process only evaluates
     teacher_path = teacher_location(cfg, progress=False)
     device = resolve_device(cfg.device)
     kw = eval_kwargs(cfg, device, grid.eval_episodes)

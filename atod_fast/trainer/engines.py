@@ -24,8 +24,9 @@ from .config import BUILTIN, TrainConfig
 from .decoding import KvCacheSampler, supports_kv_reuse
 from .distributed import Dist
 from .grpo import group_env_seeds, sample_keys
-from .rollout import ChatFormat, Trajectory, play, stop_token_ids
+from .rollout import ChatFormat, Trajectory, play, stop_token_ids, success_rewards
 from .seeds import step_seed
+from .threads import decode_threads, torch_threads
 
 
 @runtime_checkable
@@ -63,11 +64,15 @@ class HfRolloutEngine:
         torch.manual_seed((step_seed(cfg.seed, step) + 1_000_003 * d.rank) % (1 << 62))
         generate = self._generate(step)
         r = cfg.rollout
-        return play(self.lm, self.tokenizer, self.fmt, envs, seeds, max_turns=self.max_turns,
-                    max_new_tokens=r.max_new_tokens, max_episode_tokens=r.max_episode_tokens,
-                    temperature=r.temperature, device=self.device,
-                    any_rank_active=d.any if self.engine.zero3 and generate is None else None, generate=generate,
-                    sample_keys=sample_keys(seeds, ids, g))
+        with torch_threads(decode_threads(cfg)):
+            trajs = play(self.lm, self.tokenizer, self.fmt, envs, seeds, max_turns=self.max_turns,
+                         max_new_tokens=r.max_new_tokens, max_episode_tokens=r.max_episode_tokens,
+                         temperature=r.temperature, device=self.device,
+                         any_rank_active=d.any if self.engine.zero3 and generate is None else None,
+                         generate=generate, sample_keys=sample_keys(seeds, ids, g))
+        if r.reward == "success":
+            success_rewards(trajs)
+        return trajs
 
     def sync(self) -> None:
         pass  # generates with the student itself

@@ -16,6 +16,7 @@ from .. import envs as envs_mod
 from .config import TrainConfig
 from .rollout import ChatFormat, play, rollout_stats, stop_token_ids
 from .seeds import eval_seeds
+from .threads import decode_threads, torch_threads
 
 EVAL_SAMPLING_SEED = 20_240_601
 _BATCH = 128
@@ -88,7 +89,8 @@ def compare(cfg: TrainConfig, student_lm, tokenizer, teacher, teacher_path, devi
 def heldout_metrics(cfg: TrainConfig, lm, tokenizer, device: torch.device) -> dict:
     """The ``heldout_*`` metrics of ``eval.every``: ``eval.episodes`` held-out episodes of the current student."""
     t0 = time.perf_counter()
-    r = evaluate_model(lm, tokenizer, **eval_kwargs(cfg, device, cfg.eval.episodes))
+    with torch_threads(decode_threads(cfg)):
+        r = evaluate_model(lm, tokenizer, **eval_kwargs(cfg, device, cfg.eval.episodes))
     return {"heldout_success_rate": r["success_rate"], "heldout_reward_mean": r["reward_mean"],
             "heldout_s": time.perf_counter() - t0}
 
@@ -96,7 +98,8 @@ def heldout_metrics(cfg: TrainConfig, lm, tokenizer, device: torch.device) -> di
 def final_evaluation(cfg: TrainConfig, run_dir: Path, student_lm, tokenizer, teacher, teacher_path,
                      device: torch.device) -> dict:
     """The end-of-run comparison (``eval.at_end``): written to ``run_dir/eval.json`` and printed as a table."""
-    rows = compare(cfg, student_lm, tokenizer, teacher, teacher_path, device, episodes=cfg.eval.episodes)
+    with torch_threads(decode_threads(cfg)):
+        rows = compare(cfg, student_lm, tokenizer, teacher, teacher_path, device, episodes=cfg.eval.episodes)
     (run_dir / "eval.json").write_text(json.dumps(rows, indent=2))
     print(f"\nHeld-out evaluation ({cfg.eval.episodes} episodes of {cfg.env.name}, "
           f"temperature {cfg.eval.temperature}):\n")

@@ -7,7 +7,6 @@ checks that a ``--resume`` checkpoint fits this run.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,36 +17,6 @@ from .checkpoint import latest_checkpoint, load_rank_rng, load_trainer_state, re
 from .config import BUILTIN, ConfigError, TrainConfig, incompatible_keys, load_train_config
 from .distributed import shard_teacher_zero3
 from .models import Policy, check_same_tokenizer, freeze, lm_head, load_causal_lm, tiny_llama
-
-
-_PROCESS_THREADS = torch.get_num_threads()
-"""torch's thread count before any run set it (OMP_NUM_THREADS, else the cores): what ``cpu_threads=null`` uses."""
-
-
-def set_cpu_threads(n: int | None, *, tiny: bool) -> int:
-    """Sets torch's threads for batched passes (scoring, updates) and returns those for token-by-token decoding.
-
-    ``n`` set: both are ``n``. ``n`` None: batched passes take the process default; decoding of tiny built-in
-    models takes 1 thread (a decode step's ops are too small to split: on a loaded machine threads waiting on
-    each other cost up to 3× the rollout time), other models the default.
-    """
-    batched = _PROCESS_THREADS if n is None else n
-    torch.set_num_threads(batched)
-    return 1 if n is None and tiny else batched
-
-
-@contextlib.contextmanager
-def torch_threads(n: int):
-    """torch's intra-op threads set to ``n`` inside the block, restored after."""
-    saved = torch.get_num_threads()
-    if n == saved:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
 
 
 def initial_student(cfg: TrainConfig, teacher_path: str | None):

@@ -27,7 +27,7 @@ import torch
 from .advantages import make_estimator
 from .batch import StepBatch
 from .checkpoint import latest_checkpoint, read_meta, save_checkpoint
-from .config import BUILTIN, ConfigError, TrainConfig, to_yaml
+from .config import ConfigError, TrainConfig, to_yaml
 from .distributed import Dist, make_engine
 from .engines import make_rollout_engine
 from .evaluation import final_evaluation, heldout_metrics
@@ -38,15 +38,14 @@ from .loading import (
     load_models,
     loss_vocab_size,
     restore_training_state,
-    set_cpu_threads,
     teacher_location,
-    torch_threads,
 )
 from .metrics import MetricsWriter
 from .models import load_causal_lm
 from .reference import ReferenceScorer
-from .rollout import Trajectory, rollout_sums, stats_from_sums, success_rewards
+from .rollout import Trajectory, rollout_sums, stats_from_sums
 from .teacher import make_teacher, score_rows
+from .threads import set_cpu_threads
 
 log = logging.getLogger("atod_fast")
 
@@ -78,9 +77,7 @@ class Trainer:
         cfg, dev = self.cfg, self.device
         with self.dist.main_first():  # one rank builds the built-in teacher, the others read the cache
             self.teacher_path = teacher_location(cfg, progress=progress and self.dist.is_main)
-        # After the teacher build, which sets its own threads.
-        self.decode_threads = set_cpu_threads(cfg.cpu_threads,
-                                              tiny=cfg.model.student == BUILTIN and cfg.model.teacher in (BUILTIN, None))
+        set_cpu_threads(cfg)  # after the teacher build, which sets its own
         m = self.models = load_models(cfg, self.teacher_path, device=dev, world=self.dist.world,
                                       resume_from=self.resume_from)
         self.max_turns = cfg.rollout.max_turns or cfg.env.make().max_turns
@@ -111,11 +108,7 @@ class Trainer:
 
     # ----------------------------------------------------------------- one step
     def rollout(self, step: int) -> list[Trajectory]:
-        with torch_threads(self.decode_threads):
-            trajs = self.rollout_engine.rollout(step)
-        if self.cfg.rollout.reward == "success":
-            success_rewards(trajs)
-        return trajs
+        return self.rollout_engine.rollout(step)
 
     @torch.no_grad()
     def prepare(self, step: int, trajs: list[Trajectory]) -> tuple[StepBatch, dict[str, torch.Tensor] | None]:
@@ -190,8 +183,7 @@ class Trainer:
             for step in range(self.start_step + 1, cfg.max_steps + 1):
                 m = self.step(step)
                 if main and cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.max_steps):
-                    with torch_threads(self.decode_threads):
-                        m.update(heldout_metrics(cfg, self.models.policy.lm, self.models.tokenizer, self.device))
+                    m.update(heldout_metrics(cfg, self.models.policy.lm, self.models.tokenizer, self.device))
                 if writer is not None:
                     writer.write(m)
                 self.guard.check(step, m, last_good=last_good, warn=main)
@@ -214,8 +206,7 @@ class Trainer:
         student = load_causal_lm(str(ckpt / "student"), dtype=cfg.model.dtype)[0].to(self.device) \
             if self.engine.zero3 else m.policy.lm
         teacher = None if cfg.distributed.teacher_zero3 else m.teacher  # sharded over the ranks: not evaluated
-        with torch_threads(self.decode_threads):
-            return final_evaluation(cfg, self.run_dir, student, m.tokenizer, teacher, self.teacher_path, self.device)
+        return final_evaluation(cfg, self.run_dir, student, m.tokenizer, teacher, self.teacher_path, self.device)
 
 
 def _check_run(cfg: TrainConfig, world: int, device: torch.device) -> None:
