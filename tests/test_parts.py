@@ -253,9 +253,10 @@ def test_gae_estimator_matches_per_turn_reward_placement(seed):
 
 @pytest.mark.parametrize("cpu_threads", [None, 2])
 def test_tiny_models_decode_on_one_thread_and_update_on_the_default(tmp_path, monkeypatch, cpu_threads):
-    """``cpu_threads=null``: rollouts of the tiny built-in models run on 1 thread, the batched passes on torch's
-    process default; a set ``cpu_threads`` holds for both."""
+    """``cpu_threads=null``: the token-by-token decoding of the tiny built-in models runs on 1 thread, the batched
+    passes (a turn's prefill among them) on torch's process default; a set ``cpu_threads`` holds for both."""
     from atod_fast.trainer import engines
+    from atod_fast.trainer.decoding import KvCacheSampler
     from atod_fast.trainer.loop import Trainer
 
     monkeypatch.setattr("atod_fast.trainer.threads._PROCESS_THREADS", 3)  # whatever the machine's default is
@@ -276,11 +277,19 @@ def test_tiny_models_decode_on_one_thread_and_update_on_the_default(tmp_path, mo
             seen["update"] = torch.get_num_threads()
             return update(*a, **kw)
 
+        forward = KvCacheSampler._forward
+
+        def fed(self, ids, *a):  # a prefill feeds the turn's new tokens; a decode step feeds one token per row
+            seen.setdefault("prefill" if ids.shape[1] > 1 else "decode", set()).add(torch.get_num_threads())
+            return forward(self, ids, *a)
+
         monkeypatch.setattr(engines, "play", rollout)
+        monkeypatch.setattr(KvCacheSampler, "_forward", fed)
         tr.learner.update = learn
         tr.step(1)
         batched = 3 if cpu_threads is None else cpu_threads
-        assert seen == {"rollout": 1 if cpu_threads is None else cpu_threads, "update": batched}
+        decode = 1 if cpu_threads is None else cpu_threads
+        assert seen == {"rollout": decode, "update": batched, "prefill": {batched}, "decode": {decode}}
         assert torch.get_num_threads() == batched  # restored after the rollout
     finally:
         torch.set_num_threads(saved)

@@ -27,6 +27,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .threads import torch_threads
+
 HF_TOP_K = 50
 """``lm.generate`` fills the ``top_k=None`` that :func:`~atod_fast.trainer.rollout.play` passes with its default,
 50: rollouts have always sampled from the 50 likeliest tokens, so this sampler does too."""
@@ -47,11 +49,13 @@ class KvCacheSampler:
     """The ``generate`` callable of :func:`~atod_fast.trainer.rollout.play` for one rollout (one step).
 
     Episodes are told apart by their seeds; a call whose prompts do not extend what the cache
-    holds starts a new cache.
+    holds starts a new cache. ``prefill_threads``: torch's threads while a turn's new tokens are fed (one
+    batched pass), None: the caller's; the token-by-token steps run on the caller's.
     """
 
-    def __init__(self, lm, *, pad: int, device: torch.device):
+    def __init__(self, lm, *, pad: int, device: torch.device, prefill_threads: int | None = None):
         self.lm, self.pad, self.device = lm, pad, device
+        self.prefill_threads = prefill_threads
         self._reset()
 
     def _reset(self) -> None:
@@ -95,9 +99,11 @@ class KvCacheSampler:
             mask[r, width - len(p):] = 1
             pos[r] = torch.arange(width) + len(self.fed[r]) - (width - len(p))
             self.fed[r] += p
-        return self._forward(ids.to(self.device), mask.to(self.device), pos.to(self.device))
+        # A batched pass (every episode's new tokens at once): it gains from threads where a decode step would not.
+        with torch_threads(self.prefill_threads or torch.get_num_threads()):
+            return self._forward(ids.to(self.device), mask.to(self.device), pos.to(self.device))
 
-    @torch.no_grad()
+    @torch.inference_mode()  # nothing here is differentiated: no autograd bookkeeping on the cache's tensors
     def __call__(self, prompts: Sequence[Sequence[int]], *, episode_seeds: Sequence[int], turn: int,
                  stop_ids: Sequence[int], max_new_tokens: int, temperature: float) -> list[list[int]]:
         self._align(prompts, episode_seeds)

@@ -26,7 +26,7 @@ from .distributed import Dist
 from .grpo import group_env_seeds, sample_keys
 from .rollout import ChatFormat, Trajectory, play, stop_token_ids, success_rewards
 from .seeds import step_seed
-from .threads import decode_threads, torch_threads
+from .threads import batch_threads, decode_threads, torch_threads
 
 
 @runtime_checkable
@@ -51,7 +51,8 @@ class HfRolloutEngine:
     def _generate(self, step: int):
         if self.engine.zero3 or not supports_kv_reuse(self.lm):
             return None  # lm.generate
-        return KvCacheSampler(self.lm, pad=self.tokenizer.pad_token_id, device=self.device)
+        return KvCacheSampler(self.lm, pad=self.tokenizer.pad_token_id, device=self.device,
+                              prefill_threads=batch_threads(self.cfg))
 
     def rollout(self, step: int) -> list[Trajectory]:
         cfg, d = self.cfg, self.dist

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from .advantages import make_estimator
+from .allocator import keep_freed_blocks
 from .batch import StepBatch
 from .checkpoint import latest_checkpoint, read_meta, save_checkpoint
 from .config import ConfigError, TrainConfig, to_yaml
@@ -75,6 +76,7 @@ class Trainer:
 
     def setup(self, *, progress: bool = True) -> None:
         cfg, dev = self.cfg, self.device
+        keep_freed_blocks(dev)  # before the teacher build, which trains too
         with self.dist.main_first():  # one rank builds the built-in teacher, the others read the cache
             self.teacher_path = teacher_location(cfg, progress=progress and self.dist.is_main)
         set_cpu_threads(cfg)  # after the teacher build, which sets its own
@@ -119,8 +121,7 @@ class Trainer:
         if (scores := score_rows(batch, (self.teacher, self.reference), self.dist, step)) is None:
             return batch, None
         rows.update(scores)
-        adv, ret = self.advantages(batch, values if self.advantages.needs_values else None)
-        rows["advantages"] = adv
+        rows["advantages"], ret = self.advantages(batch, values if self.advantages.needs_values else None)
         if ret is not None:
             rows["returns"] = ret
         rows["lam"] = self.controller.lam(step, batch.agent_turns)

@@ -16,6 +16,7 @@ log-probs in one pass over the packed episodes, so generation keeps no logits):
 
 from __future__ import annotations
 
+import functools
 import logging
 import traceback
 from collections.abc import Sequence
@@ -26,6 +27,8 @@ import torch
 log = logging.getLogger("atod_fast")
 
 _PLACEHOLDER = "\u2063ATOD-ACTION\u2063"
+CACHE_SIZE = 4096
+"""Distinct observations whose token ids a :class:`ChatFormat` keeps."""
 
 
 class ChatFormat:
@@ -43,6 +46,9 @@ class ChatFormat:
         if not self.template:
             raise ValueError("the tokenizer has no chat template; set model.chat_template")
         self.stop_ids = set(stop_ids)
+        # Observations repeat ("Higher.", the same error message): each distinct one is rendered and tokenized once.
+        self._first = functools.lru_cache(maxsize=CACHE_SIZE)(self._first_ids)
+        self._after = functools.lru_cache(maxsize=CACHE_SIZE)(self._after_ids)
 
     def _render(self, messages, gen: bool) -> str:
         return self.tok.apply_chat_template(messages, chat_template=self.template, tokenize=False,
@@ -52,10 +58,17 @@ class ChatFormat:
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
     def first(self, observation: str) -> list[int]:
-        return self._encode(self._render([{"role": "user", "content": observation}], True))
+        """Tokens of the first observation, up to the agent's first turn."""
+        return list(self._first(observation))
 
     def after_action(self, observation: str, ended_with: int | None) -> list[int]:
         """Tokens between the agent's last token and its next turn."""
+        return list(self._after(observation, ended_with))
+
+    def _first_ids(self, observation: str) -> tuple[int, ...]:
+        return tuple(self._encode(self._render([{"role": "user", "content": observation}], True)))
+
+    def _after_ids(self, observation: str, ended_with: int | None) -> tuple[int, ...]:
         text = self._render([{"role": "user", "content": "x"}, {"role": "assistant", "content": _PLACEHOLDER},
                              {"role": "user", "content": observation}], True)
         if text.count(_PLACEHOLDER) != 1:
@@ -65,7 +78,7 @@ class ChatFormat:
             stop_text = self.tok.decode([ended_with])
             if stop_text and suffix.startswith(stop_text):
                 suffix = suffix[len(stop_text):]
-        return self._encode(suffix)
+        return tuple(self._encode(suffix))
 
 
 @dataclass
