@@ -70,3 +70,75 @@ def test_which_models_reuse_the_cache(tok_and_lm):
     _, lm = tok_and_lm
     assert supports_kv_reuse(lm)
     assert not supports_kv_reuse(torch.nn.Linear(2, 2))
+
+
+def _prefilled(lm, holes: bool):
+    """A cache after a left-padded prefill of 3 rows (no padding when not ``holes``), with the next step's inputs."""
+    torch.manual_seed(0)
+    b, w, vocab = 3, 7, lm.config.vocab_size
+    ids = torch.randint(0, vocab, (b, w))
+    mask = torch.ones(b, w, dtype=torch.long)
+    if holes:
+        mask[0, :3] = 0
+        mask[2, :1] = 0
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        cache = lm(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True).cache
+    nxt = torch.randint(0, vocab, (b, 1))
+    return cache, nxt, torch.cat([mask, torch.ones(b, 1, dtype=torch.long)], 1), pos[:, -1:] + 1
+
+
+def _qwen2(tok):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=2, intermediate_size=64, pad_token_id=tok.pad_token_id)
+    return Qwen2ForCausalLM(cfg).eval()  # q, k, v projections with biases
+
+
+@pytest.mark.parametrize("holes", [True, False])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_decode_step_is_bitwise_the_full_forward(tok_and_lm, arch, holes):
+    """The lean one-token step and transformers' forward give the same logits and cache, bit for bit, with padding in
+    the cache (a mask) and without (transformers then passes none)."""
+    import copy
+
+    from atod_fast.trainer.decode_step import decode_step, supports_decode_step
+
+    tok, lm = tok_and_lm
+    lm = lm.eval() if arch == "llama" else _qwen2(tok)
+    assert supports_decode_step(lm)
+    cache, nxt, mask, pos = _prefilled(lm, holes)
+    ref_cache = copy.deepcopy(cache)
+    with torch.no_grad():
+        ref = lm(input_ids=nxt, attention_mask=mask, position_ids=pos, cache=ref_cache, use_cache=True,
+                 logits_to_keep=1).logits[:, -1]
+        tri = decode_step(lm, cache, nxt, mask, pos)
+    assert torch.equal(tri, ref)
+    for a, b in zip(cache.layers, ref_cache.layers, strict=True):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
+def test_decode_step_only_where_it_reproduces_the_model(tok_and_lm):
+    from transformers import LlamaForCausalLM
+
+    from atod_fast.trainer.decode_step import supports_decode_step
+
+    tok, lm = tok_and_lm
+    assert KvCacheSampler(lm, pad=tok.pad_token_id, device=torch.device("cpu")).lean
+    for change in ({"num_key_value_heads": 1}, {"_attn_implementation": "eager"}):
+        cfg = copy_config(lm.config, **change)
+        other = LlamaForCausalLM(cfg)
+        assert not supports_decode_step(other)
+        assert not KvCacheSampler(other, pad=tok.pad_token_id, device=torch.device("cpu")).lean
+    assert not supports_decode_step(torch.nn.Linear(2, 2))
+
+
+def copy_config(cfg, **change):
+    import copy
+
+    cfg = copy.deepcopy(cfg)
+    for k, v in change.items():
+        setattr(cfg, k, v)
+    return cfg

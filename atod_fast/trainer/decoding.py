@@ -27,6 +27,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .decode_step import decode_step, supports_decode_step
 from .threads import torch_threads
 
 HF_TOP_K = 50
@@ -45,6 +46,13 @@ def supports_kv_reuse(lm) -> bool:
     return window is None or getattr(cfg, "use_sliding_window", True) is False
 
 
+def _plain_layers(cache) -> bool:
+    """Every layer of ``cache`` a plain per-token key/value layer (what :func:`decode_step` extends)."""
+    from transformers.cache_utils import DynamicLayer
+
+    return all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
 class KvCacheSampler:
     """The ``generate`` callable of :func:`~atod_fast.trainer.rollout.play` for one rollout (one step).
 
@@ -55,6 +63,7 @@ class KvCacheSampler:
 
     def __init__(self, lm, *, pad: int, device: torch.device, prefill_threads: int | None = None):
         self.lm, self.pad, self.device = lm, pad, device
+        self.lean = supports_decode_step(lm)  # its one-token steps skip transformers' per-call machinery
         self.prefill_threads = prefill_threads
         self._reset()
 
@@ -82,7 +91,11 @@ class KvCacheSampler:
     def _forward(self, ids: torch.Tensor, new_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Feeds ``ids [B, W]`` after the cache; the float32 logits of the last column ``[B, V]``."""
         self.mask = torch.cat([self.mask, new_mask], 1)
-        out = self.lm(input_ids=ids, attention_mask=self.mask, position_ids=positions.clamp(min=0),
+        pos = positions.clamp(min=0)
+        if self.lean and ids.shape[1] == 1 and not self.lm.training and self.cache is not None \
+                and _plain_layers(self.cache):
+            return decode_step(self.lm, self.cache, ids, self.mask, pos).to(dtype=torch.float32)
+        out = self.lm(input_ids=ids, attention_mask=self.mask, position_ids=pos,
                       cache=self.cache, use_cache=True, logits_to_keep=1)
         self.cache = out.cache
         return out.logits[:, -1].to(dtype=torch.float32)
