@@ -53,3 +53,38 @@ def test_auto_mode_and_errors():
         pack([torch.tensor([1]), torch.tensor([], dtype=torch.long)])
     with pytest.raises(ValueError, match="at least one"):
         pack([])
+
+
+def test_length_buckets_split_only_where_padding_outweighs_a_call():
+    from atod_fast.trainer.packing import length_buckets
+
+    lengths = [100, 3, 98, 4, 100, 5, 99, 3]
+    groups = length_buckets(lengths, call_tokens=50)
+    assert sorted(i for g in groups for i in g) == list(range(8))  # a partition of the sequences
+    assert [sorted(lengths[i] for i in g) for g in groups] == [[3, 3, 4, 5], [98, 99, 100, 100]]
+    assert length_buckets(lengths, call_tokens=500) == [sorted(range(8), key=lambda i: lengths[i])]  # not worth it
+    assert length_buckets([7] * 5, call_tokens=0) == [[0, 1, 2, 3, 4]]  # equal lengths never split
+    assert len(length_buckets(list(range(1, 40)), call_tokens=0, max_buckets=3)) == 3
+    assert length_buckets([]) == [[]]
+
+
+def test_padded_buckets_equal_one_by_one_and_packed_gradients():
+    """Lengths far apart run as separate padded batches; rows come back in the packed order, and the gradients
+    match the packed pass's."""
+    from atod_fast.trainer.packing import length_buckets
+
+    model = tiny(LlamaForCausalLM, LlamaConfig)
+    g = torch.Generator().manual_seed(2)
+    seqs = [torch.randint(0, 97, (n,), generator=g) for n in (120, 3, 118, 4, 2, 119)]
+    p = pack(seqs)
+    assert len(length_buckets(p.lengths)) == 2
+    with torch.no_grad():
+        padded = last_hidden_states(model.model, p, mode="padded")
+        alone = torch.cat([model.model(input_ids=s[None]).last_hidden_state[0] for s in seqs])
+    torch.testing.assert_close(padded, alone, rtol=1e-5, atol=1e-5)
+    grads = []
+    for mode in ("packed", "padded"):
+        model.zero_grad()
+        last_hidden_states(model.model, p, mode=mode).square().sum().backward()
+        grads.append(model.model.layers[0].self_attn.q_proj.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
