@@ -603,9 +603,9 @@ class TrainConfig:
     """auto (CUDA when available), cpu, cuda or cuda:N."""
     cpu_threads: int | None = None
     """torch threads on CPU; null: torch's default (OMP_NUM_THREADS, else the cores), except that the tiny built-in
-    models decode (rollouts, evaluation) on 1 thread: a decode step's ops are too small to split, and on a loaded
-    machine threads waiting on each other cost more than they give. Batched passes (scoring, updates) gain from
-    threads even at the tiny sizes."""
+    models decode token by token (rollouts, evaluation) on 1 thread: a decode step's ops are too small to split, and
+    on a loaded machine threads waiting on each other cost more than they give. Batched passes (scoring, updates, a
+    rollout turn's prefill) gain from threads even at the tiny sizes."""
     model: ModelConfig = field(default_factory=ModelConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
