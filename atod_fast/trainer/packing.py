@@ -26,9 +26,10 @@ import torch
 
 MODES = ("auto", "packed", "padded")
 CALL_TOKENS = 256
-"""Padding a split into length buckets must save, per extra forward call (a call's fixed cost on the CPU, in
-tokens of the tiny built-in models; a small share of a GPU forward's padding)."""
+"""Padded positions one more length bucket must save to pay for its forward call: about a call's fixed cost on the
+CPU, counted in tokens of the tiny built-in models (on a GPU, a small share of a batch's padding)."""
 MAX_BUCKETS = 4
+"""At most this many padded forwards per pass."""
 
 
 @dataclass(frozen=True)
