@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from rollout_cases import turn_spans
@@ -97,17 +99,25 @@ def _qwen2(tok):
     return Qwen2ForCausalLM(cfg).eval()  # q, k, v projections with biases
 
 
+def _lora(lm):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    lm = peft.get_peft_model(copy.deepcopy(lm), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    for name, p in lm.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p)  # peft starts B at 0 (an identity adapter): make the adapters count
+    return lm.eval()
+
+
 @pytest.mark.parametrize("holes", [True, False])
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "llama+lora"])
 def test_decode_step_is_bitwise_the_full_forward(tok_and_lm, arch, holes):
     """The lean one-token step and transformers' forward give the same logits and cache, bit for bit, with padding in
-    the cache (a mask) and without (transformers then passes none)."""
-    import copy
-
+    the cache (a mask) and without (transformers then passes none); a peft-wrapped student keeps its adapters."""
     from atod_fast.trainer.decode_step import decode_step, supports_decode_step
 
     tok, lm = tok_and_lm
-    lm = lm.eval() if arch == "llama" else _qwen2(tok)
+    lm = {"llama": lambda: lm.eval(), "qwen2": lambda: _qwen2(tok), "llama+lora": lambda: _lora(lm)}[arch]()
     assert supports_decode_step(lm)
     cache, nxt, mask, pos = _prefilled(lm, holes)
     ref_cache = copy.deepcopy(cache)
@@ -136,8 +146,6 @@ def test_decode_step_only_where_it_reproduces_the_model(tok_and_lm):
 
 
 def copy_config(cfg, **change):
-    import copy
-
     cfg = copy.deepcopy(cfg)
     for k, v in change.items():
         setattr(cfg, k, v)

@@ -20,13 +20,20 @@ SUPPORTED = ("llama", "mistral", "qwen2")
 """Decoder layers of the shape norm → attention (q, k, v, o projections, rotary) → norm → MLP, residuals."""
 
 
+def _causal_lm(lm):
+    """The transformers causal LM in ``lm``: a peft wrapper's base model (adapters stay in its layers), or ``lm``."""
+    base = getattr(lm, "get_base_model", None)
+    return base() if callable(base) else lm
+
+
 def supports_decode_step(lm) -> bool:
     """Whether :func:`decode_step` reproduces ``lm``'s forward (in eval mode): a supported architecture with SDPA
     attention, no sliding window and as many key/value heads as query heads (transformers packs grouped heads its
     own way)."""
-    cfg = getattr(lm, "config", None)
+    cfg, base = getattr(lm, "config", None), _causal_lm(lm)
     return (cfg is not None and cfg.model_type in SUPPORTED and cfg._attn_implementation == "sdpa"
-            and cfg.num_key_value_heads == cfg.num_attention_heads and getattr(cfg, "sliding_window", None) is None)
+            and cfg.num_key_value_heads == cfg.num_attention_heads and getattr(cfg, "sliding_window", None) is None
+            and hasattr(base, "lm_head") and hasattr(getattr(base, "model", None), "rotary_emb"))
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -38,6 +45,7 @@ def decode_step(lm, cache, ids: torch.Tensor, mask: torch.Tensor, positions: tor
     """Feeds ``ids [B, 1]`` after the keys and values in ``cache`` (a transformers ``DynamicCache``, extended in
     place); ``mask [B, S + 1]`` 1 on the real tokens so far, ``positions [B, 1]``. -> logits ``[B, V]`` in the
     model's dtype."""
+    lm = _causal_lm(lm)
     model = lm.model
     h = model.embed_tokens(ids)
     cos, sin = model.rotary_emb(h, positions)
